@@ -1,0 +1,377 @@
+"""Typed schema of the Hydra config, and the checks that stop a bad run before training.
+
+Every config group in conf/ has one dataclass here. `validate(cfg)` turns a composed
+DictConfig into these dataclasses and raises `ConfigError` with one line naming the key
+and what is allowed. `check_cli_overrides(argv)` does the same for command-line
+overrides *before* Hydra composes (Hydra's own messages for a misspelled key or an
+unknown option span several lines and do not list what is allowed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = PROJECT_ROOT / "conf"
+if not OmegaConf.has_resolver("project_root"):  # conf/paths: never rely on the working directory
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; its message is one line meant for the user."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
+    _require(value in options, key, value, ", ".join(options))
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@dataclass
+class WorldConfig:
+    """The synthetic safety world's grammar sizes and split seed (see synthetic/world.py)."""
+
+    seed: int = 1234
+    n_templates: int = 6
+    n_objects: int = 18
+    n_harmful_verbs: int = 16
+    n_poison_verbs: int = 4
+    n_benign_verbs: int = 12
+    n_task_verbs: int = 6
+    n_safety_pairs: int = 48
+    n_harmful_val: int = 100
+    n_harmful_test: int = 200
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name != "seed":
+                _require(getattr(self, f.name) >= 1, f"model.world.{f.name}", getattr(self, f.name), "an integer >= 1")
+        _require(self.n_poison_verbs < self.n_harmful_verbs, "model.world.n_poison_verbs",
+                 self.n_poison_verbs, f"fewer than n_harmful_verbs ({self.n_harmful_verbs})")
+
+
+@dataclass
+class AlignmentConfig:
+    """The alignment stage that makes the synthetic base model refuse harmful requests."""
+
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.steps >= 1, "model.alignment.steps", self.steps, "an integer >= 1")
+        _require(self.lr > 0, "model.alignment.lr", self.lr, "a number > 0")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "synthetic"  # synthetic: built and aligned here; pretrained: HF id or folder
+    name_or_path: str | None = None
+    arch: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs (synthetic)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _one_of("model.kind", self.kind, ("synthetic", "pretrained"))
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.kind == "pretrained":
+            _require(bool(self.name_or_path), "model.name_or_path", self.name_or_path,
+                     "a Hugging Face model id or a local folder")
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "lora"  # lora | full
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # a list of module names, or "all-linear"
+
+    def __post_init__(self):
+        _one_of("adapter.kind", self.kind, ("lora", "full"))
+        _require(self.r >= 1, "adapter.r", self.r, "an integer >= 1")
+        _require(0 <= self.dropout < 1, "adapter.dropout", self.dropout, "a number in [0, 1)")
+
+
+METHODS = ("sft", "sap")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "sap"
+
+    def __post_init__(self):
+        _one_of("method.name", self.name, METHODS)
+
+
+@dataclass
+class ProbeConfig:
+    """SAP's probe (docs: SAP.md). eps is the probe radius per layer (the paper's beta)."""
+
+    eps: float = 0.2
+    harmful_step: float = 0.1  # delta = harmful_step * ||theta|| * g_hat (the paper's epsilon)
+    layers: list[int] = field(default_factory=lambda: [2, 3])
+    steps: int = 1
+    step_size: float | None = None  # per ascent step; None = 2.5 * eps / steps
+    norm: str = "linf"  # linf (sign step) | l2
+    mode: str = "clean"  # clean | faithful (the reference code's stateful, stale Adam probe)
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _require(self.eps >= 0, "probe.eps", self.eps, "a number >= 0")
+        _require(self.harmful_step >= 0, "probe.harmful_step", self.harmful_step, "a number >= 0")
+        _require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers), "probe.layers",
+                 list(self.layers), "a non-empty list of decoder-layer indices >= 0")
+        _require(self.steps >= 1, "probe.steps", self.steps, "an integer >= 1")
+        _require(self.step_size is None or self.step_size > 0, "probe.step_size", self.step_size,
+                 "null or a number > 0")
+        _one_of("probe.norm", self.norm, ("linf", "l2"))
+        _one_of("probe.mode", self.mode, ("clean", "faithful"))
+        _require(self.temperature > 0, "probe.temperature", self.temperature, "a number > 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    task: str = "instruct"  # synthetic: instruct | classify
+    n_train: int = 512
+    poison_ratio: float = 0.0
+    batch_size: int = 16
+    safety_batch_size: int = 8
+    max_length: int = 64
+    prompt_format: str = "plain"  # plain | chat | alpaca
+    system_prompt: str | None = None
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _one_of("data.source", self.source, ("synthetic",))
+        _one_of("data.task", self.task, ("instruct", "classify"))
+        _require(0 <= self.poison_ratio <= 1, "data.poison_ratio", self.poison_ratio, "a number in [0, 1]")
+        _require(self.n_train >= 1, "data.n_train", self.n_train, "an integer >= 1")
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.safety_batch_size >= 1, "data.safety_batch_size", self.safety_batch_size, "an integer >= 1")
+        _one_of("data.prompt_format", self.prompt_format, ("plain", "chat", "alpaca"))
+
+
+JUDGES = ("exact", "keyword")
+
+
+@dataclass
+class EvalConfig:
+    judges: list[str] = field(default_factory=lambda: ["exact", "keyword"])
+    split: str = "test"  # which held-out harmful split: val | test
+    max_new_tokens: int = 24
+    batch_size: int = 64
+    n_harmful: int | None = None  # None = the whole split
+    n_task: int | None = None
+    before: bool = True  # also evaluate the model before fine-tuning
+
+    def __post_init__(self):
+        _require(len(self.judges) >= 1 and all(j in JUDGES for j in self.judges), "eval.judges",
+                 list(self.judges), "a non-empty list from " + ", ".join(JUDGES))
+        _one_of("eval.split", self.split, ("val", "test"))
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to lightning.Trainer as keyword arguments."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 300
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self):
+        _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "safeprobe"
+    entity: str | None = None
+    mode: str | None = None  # None: online when logged in, else offline
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _require(self.mode in (None, "online", "offline", "disabled"), "logger.wandb.mode", self.mode,
+                 "null, online, offline, disabled")
+
+
+@dataclass
+class CSVConfig:
+    enabled: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    csv: CSVConfig = field(default_factory=CSVConfig)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_dir: str = "outputs/run"
+    cache_dir: str = ".cache/safeprobe"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    save_adapter: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class EvalRunConfig:
+    """eval.py: re-evaluate a saved run folder (or an adapter inside one)."""
+
+    run_dir: str | None = None
+    eval: EvalConfig | None = None  # None: the saved run's eval settings
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(wandb=WandbConfig(enabled=False)))
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+# ------------------------------------------------------------------------ validation
+
+# keys that hold free-form mappings (checked by the library that takes them)
+_FREE_FORM = {"model.arch"}
+
+
+def _dataclass_of(schema: Any, name: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(schema)}[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(default):
+        return type(default)
+    if name == "eval" and schema is EvalRunConfig:
+        return EvalConfig
+    return None
+
+
+def _check_keys(node: DictConfig, schema: type, path: str) -> None:
+    allowed = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in allowed:
+            where = f"under '{path}'" if path else "at the top level"
+            raise ConfigError(f"unknown key '{full}'; allowed keys {where}: {', '.join(allowed)}")
+        sub = _dataclass_of(schema, key)
+        child = node[key]
+        if sub is not None and isinstance(child, DictConfig) and full not in _FREE_FORM:
+            _check_keys(child, sub, full)
+
+
+def validate(cfg: DictConfig, schema: type = TrainConfig) -> Any:
+    """Check `cfg` against `schema`; return the typed dataclass or raise ConfigError."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    _check_keys(plain, schema, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def check_probe_layers(layers: list[int], n_layers: int) -> None:
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    _require(not bad, "probe.layers", list(layers),
+             f"decoder-layer indices in [0, {n_layers - 1}] (the model has {n_layers} layers)")
+
+
+# --------------------------------------------------------------- command-line checks
+
+GROUPS = ("model", "adapter", "method", "probe", "data", "eval", "trainer", "logger", "experiment", "paths")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
+    """Reject a misspelled key or an unknown group option on the command line, before Hydra.
+
+    Only plain `key=value` overrides are checked; `+key`, `++key`, `~key` and `hydra.*`
+    are left to Hydra, as are values (checked by `validate` once the config is composed).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.is_delete() or key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if "/" not in key and "." not in key and key in GROUPS and (CONF_DIR / key).is_dir():
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            options = group_options(key)
+            for v in values:
+                if v not in options and v != "null":
+                    raise ConfigError(f"{key}={v} is not a known option; allowed: {', '.join(options)}")
+            continue
+        node: type | None = schema
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            path = ".".join(parts[:i])
+            if ".".join(parts[: i + 1]) in _FREE_FORM or node is None:
+                break
+            allowed = [f.name for f in dataclasses.fields(node)]
+            if part not in allowed:
+                where = f"under '{path}'" if path else "at the top level"
+                raise ConfigError(f"unknown key '{key}'; allowed keys {where}: {', '.join(allowed)}")
+            node = _dataclass_of(node, part)
+
+
+def to_plain(cfg: DictConfig | ListConfig | Any) -> Any:
+    """Hydra/OmegaConf containers -> plain Python (for PEFT, transformers, W&B, JSON)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return cfg

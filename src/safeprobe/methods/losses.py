@@ -1,0 +1,32 @@
+"""Losses shared by every method, the alignment stage and evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from safeprobe.data.formatting import IGNORE
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of teacher-forced log-probs of the labelled (response) tokens, one per row."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    tok = torch.gather(F.log_softmax(logits, -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1)
+
+
+def task_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens (labels != IGNORE)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def contrastive_safety_loss(model, pairs: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """-mean log sigmoid((log p(safe|x) - log p(harmful|x)) / T); rows: B safe then B harmful.
+
+    Its gradient points towards "less safe"; SAP uses it as the unsafe direction."""
+    logp = sequence_logprobs(model, pairs)
+    safe, harm = logp.chunk(2)
+    return -F.logsigmoid((safe - harm) / temperature).mean()

@@ -1,0 +1,143 @@
+"""SAP: Safety-Aware Probing (arXiv 2505.16737), one training step. See docs/SAP.md.
+
+Per batch (task batch B, safety pairs S):
+  1. unsafe direction  g_hat = grad_theta L_c / ||grad_theta L_c||, L_c the contrastive
+     safety loss; +g_hat points towards "less safe";
+  2. harmful perturbation  delta = harmful_step * ||theta|| * g_hat;
+  3. probe  V* = argmax_{||v_l|| <= eps}  L(theta + delta, V) - L(theta, V), by projected
+     ascent from V = 0 with gradients w.r.t. V only (theta is restored bit for bit);
+  4. update  one optimizer step on L(theta, V*), the probe held fixed.
+
+`probe.mode=faithful` reproduces the reference code instead: V is an AdamW-optimized
+tensor (lr = eps) whose moments persist across steps, zeroed and re-stepped after each
+update, so the probe used at step t was found on batch t-1, and the L(theta, V) half of
+its gradient comes from the update pass itself.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from safeprobe.config import OptimConfig, ProbeConfig
+from safeprobe.methods.base import FineTuneModule
+from safeprobe.methods.losses import sequence_logprobs, task_loss
+from safeprobe.methods.probe import Probe, ascend
+
+
+def global_norm(tensors) -> torch.Tensor:
+    return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
+
+
+class SAPModule(FineTuneModule):
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, probe: ProbeConfig):
+        super().__init__(model, optim)
+        self.probe_cfg = probe
+        self.probe = Probe(model, probe.layers)
+        self.direction: list[torch.Tensor] | None = None
+        self.faithful_v: torch.Tensor | None = None  # faithful mode's persistent probe (never a parameter)
+
+    # ------------------------------------------------------------ the SAP step
+    def update_loss(self, batch: dict) -> torch.Tensor:
+        task, pairs = batch["task"], batch["safety"]
+        if self.probe_cfg.mode == "faithful":
+            return self._faithful_update_loss(task, pairs)
+        with self.side_rng():
+            self.direction = self.unsafe_direction(pairs)
+            vectors = self.find_probe(task)
+        self.log("sap/probe_norm", vectors.norm(dim=-1).mean(), batch_size=1)
+        with self.probe.attached(vectors):
+            return task_loss(self.model, task)
+
+    def unsafe_direction(self, pairs: dict) -> list[torch.Tensor]:
+        """g_hat: the unit gradient of the contrastive safety loss over trainable weights.
+
+        grad L_c = -mean_i sigmoid(-m_i) grad m_i / T, with m_i the pair's log-prob margin.
+        A well-aligned model has large margins, so sigmoid(-m_i) underflows and grad L_c
+        vanishes in floating point. g_hat does not depend on a positive rescaling of those
+        weights, so they are divided by their largest value first: the same unit vector,
+        computed without underflow."""
+        params = self.trainable_parameters()
+        logp = sequence_logprobs(self.model, pairs)
+        safe, harm = logp.chunk(2)
+        margin = (safe - harm) / self.probe_cfg.temperature
+        log_w = F.logsigmoid(-margin).detach()
+        surrogate = -((log_w - log_w.max()).exp() * margin).sum()
+        grads = torch.autograd.grad(surrogate, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        norm = global_norm(grads)
+        self.log("sap/safety_loss", -F.logsigmoid(margin.detach()).mean(), batch_size=1)
+        return [g / norm if norm > 0 else g for g in grads]
+
+    @contextmanager
+    def perturbed(self, direction: list[torch.Tensor]):
+        """theta <- theta + harmful_step * ||theta|| * g_hat inside the block; restored
+        exactly (from a copy, not by subtraction) on the way out."""
+        params = self.trainable_parameters()
+        scale = self.probe_cfg.harmful_step * global_norm(params)
+        backup = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    p.add_(d.to(p.dtype), alpha=float(scale))
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+    def probe_gradient(self, task: dict, vectors: torch.Tensor, direction) -> torch.Tensor:
+        """grad_V [L(theta + delta, V) - L(theta, V)], with no weight gradients."""
+        v = vectors.detach().requires_grad_(True)
+        with self.perturbed(direction), self.probe.attached(v):
+            (g_plus,) = torch.autograd.grad(task_loss(self.model, task), v)
+        with self.probe.attached(v):
+            (g_zero,) = torch.autograd.grad(task_loss(self.model, task), v)
+        return g_plus - g_zero
+
+    def find_probe(self, task: dict) -> torch.Tensor:
+        c = self.probe_cfg
+        step_size = c.step_size or 2.5 * c.eps / c.steps
+        vectors = self.probe.zeros(task["input_ids"])
+        for _ in range(c.steps):
+            grad = self.probe_gradient(task, vectors, self.direction)
+            vectors = ascend(vectors, grad, step_size, c.eps, c.norm)
+        return vectors.detach()
+
+    def after_backward(self) -> None:
+        # cosine between the update's gradient and the unsafe direction: > 0 means the
+        # descent step moves theta towards safety
+        params = self.trainable_parameters()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        dot = sum((g.float() * d.float()).sum() for g, d in zip(grads, self.direction))
+        self.log("sap/cos_update_unsafe", dot / global_norm(grads).clamp_min(1e-12), batch_size=1)
+        if self.probe_cfg.mode == "faithful":
+            self._faithful_probe_step()
+
+    # ------------------------------------------------------- faithful (reference) mode
+    def _faithful_update_loss(self, task: dict, pairs: dict) -> torch.Tensor:
+        if self.faithful_v is None:
+            self.faithful_v = self.probe.zeros(task["input_ids"]).requires_grad_(True)
+            self.faithful_opt = torch.optim.AdamW([self.faithful_v], lr=self.probe_cfg.eps)
+        v = self.faithful_v
+        with self.side_rng():
+            with self.probe.attached(v.detach()):  # the reference's bias sits in every pass
+                self.direction = self.unsafe_direction(pairs)
+            with self.perturbed(self.direction), self.probe.attached(v):
+                (self._g_plus,) = torch.autograd.grad(task_loss(self.model, task), v)
+        self.log("sap/probe_norm", v.detach().norm(dim=-1).mean(), batch_size=1)
+        with self.probe.attached(v):
+            return task_loss(self.model, task)  # its backward leaves grad_V L(theta, V) in v.grad
+
+    def _faithful_probe_step(self) -> None:
+        v = self.faithful_v
+        v.grad = v.grad - self._g_plus  # = -grad_V L_su: AdamW descends it, so V ascends L_su
+        with torch.no_grad():
+            v.zero_()
+        self.faithful_opt.step()
+        self.faithful_opt.zero_grad(set_to_none=True)
+
+    def on_train_end(self) -> None:
+        self.faithful_v = self.direction = None

@@ -1,0 +1,7 @@
+"""Plain supervised fine-tuning: the baseline every defense is compared with."""
+
+from safeprobe.methods.base import FineTuneModule
+
+
+class SFTModule(FineTuneModule):
+    """Minimizes the task loss on response tokens; nothing else (see FineTuneModule)."""

@@ -1,0 +1,88 @@
+"""Model factory (the `model` config group) and adapters (the `adapter` group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from safeprobe.config import AdapterConfig, ModelConfig, to_plain
+from safeprobe.data.formatting import PromptFormatter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Base:
+    """The frozen starting point of fine-tuning and everything needed to talk to it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: str  # where the base weights come from (a cache folder or a Hub id)
+    world: object | None = None  # the synthetic World, when model.kind == synthetic
+
+
+def load_base(cfg: ModelConfig, cache_dir: str | Path) -> Base:
+    if cfg.kind == "synthetic":
+        from safeprobe.synthetic.align import aligned_model_dir
+        from safeprobe.synthetic.world import World
+
+        path = str(aligned_model_dir(cfg, cache_dir))
+        world = World(cfg.world)
+    else:
+        path, world = cfg.name_or_path, None
+    kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # so LoRA weights get gradients through checkpoints
+    return Base(model, tokenizer, path, world)
+
+
+def formatter(base: Base, style: str, system_prompt: str | None) -> PromptFormatter:
+    if base.world is not None:
+        from safeprobe.synthetic.align import formatter_for
+
+        return formatter_for(base.tokenizer)
+    return PromptFormatter(base.tokenizer, style, system_prompt)
+
+
+def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module:
+    """LoRA through PEFT (only adapter weights trainable), or full fine-tuning."""
+    if cfg.kind == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = to_plain(cfg.target_modules)
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of decoder blocks of any HF decoder whose blocks have an `mlp`
+    (Llama, Qwen2, Mistral, Gemma...), found without naming the architecture."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and all(hasattr(b, "mlp") for b in module):
+            return module
+    raise ValueError(f"{type(model).__name__} has no list of decoder blocks with an `mlp`; SAP's probe cannot attach")
+
+
+def save_adapter(model: torch.nn.Module, folder: Path) -> None:
+    """PEFT adapters as safetensors; full fine-tuning saves the whole model the same way."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def load_adapter(base_model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    if (Path(folder) / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=base_model.dtype)

@@ -1,0 +1,103 @@
+"""The alignment stage: a tiny Llama trained from scratch to answer benign requests helpfully
+and refuse harmful ones. Cached on disk under a hash of everything that determines it, so
+the second run (and every sweep job) starts at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from safeprobe.config import ModelConfig
+from safeprobe.data.formatting import PromptFormatter, collate, encode
+from safeprobe.methods.losses import task_loss
+from safeprobe.synthetic.world import PROMPT_SUFFIX, SPECIAL, World
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when the alignment code changes what it produces
+
+DEFAULT_ARCH = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True)
+
+
+def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(world.vocab)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], vocab[SPECIAL["bos"]])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"],
+                                   pad_token=SPECIAL["pad"], unk_token=SPECIAL["unk"], model_max_length=128)
+
+
+def formatter_for(tokenizer) -> PromptFormatter:
+    return PromptFormatter(tokenizer, "plain", plain_suffix=PROMPT_SUFFIX)
+
+
+def cache_key(cfg: ModelConfig) -> str:
+    spec = {"version": CACHE_VERSION, "arch": {**DEFAULT_ARCH, **cfg.arch},
+            "world": dataclasses.asdict(cfg.world), "alignment": dataclasses.asdict(cfg.alignment)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def aligned_model_dir(cfg: ModelConfig, cache_dir: str | Path) -> Path:
+    """Folder holding the aligned model and its tokenizer; built on first use."""
+    target = Path(cache_dir) / "synthetic" / cache_key(cfg)
+    if (target / "alignment.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        _align(cfg, tmp)
+        try:
+            os.rename(tmp, target)  # atomic: a parallel sweep job may have won the race
+        except OSError:
+            if not (target / "alignment.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _align(cfg: ModelConfig, out: Path) -> None:
+    start = time.time()
+    world = World(cfg.world)
+    tok = build_tokenizer(world)
+    fmt = formatter_for(tok)
+    arch = {**DEFAULT_ARCH, **cfg.arch}
+    torch.manual_seed(cfg.alignment.seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id, **arch))
+    rows = [encode(tok, fmt, e.prompt, e.response, arch["max_position_embeddings"]) for e in world.alignment_set()]
+    rng = random.Random(cfg.alignment.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.alignment.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.alignment.lr, total_steps=cfg.alignment.steps, pct_start=0.1)
+    log.info("aligning a %.2fM-parameter synthetic model on %d examples (%d steps)...",
+             sum(p.numel() for p in model.parameters()) / 1e6, len(rows), cfg.alignment.steps)
+    model.train()
+    for step in range(cfg.alignment.steps):
+        batch = collate(rng.sample(rows, min(cfg.alignment.batch_size, len(rows))), tok.pad_token_id)
+        loss = task_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    seconds = time.time() - start
+    (out / "alignment.json").write_text(json.dumps(
+        {"key": cache_key(cfg), "final_loss": loss.item(), "seconds": round(seconds, 1),
+         "model": dataclasses.asdict(cfg)}, indent=2, default=str))
+    log.info("aligned in %.0f s (final loss %.4f) -> cached", seconds, loss.item())

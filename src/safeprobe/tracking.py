@@ -1,0 +1,94 @@
+"""The `logger` config group (W&B + CSV) and what every run records about itself."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import netrc
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from safeprobe.config import LoggerConfig
+
+PACKAGES = ("safeprobe", "torch", "lightning", "transformers", "peft", "hydra-core", "omegaconf", "datasets",
+            "wandb", "safetensors", "tokenizers", "numpy")
+
+
+def git_commit(root: Path) -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment(root: Path) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"time": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "python": sys.version.split()[0],
+            "platform": platform.platform(), "packages": versions, "git": git_commit(root)}
+
+
+def wandb_mode(cfg_mode: str | None) -> str:
+    """The configured mode, else WANDB_MODE, else online only when credentials exist."""
+    if cfg_mode:
+        return cfg_mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def make_loggers(cfg: LoggerConfig, run_dir: Path, config: dict, group: str | None, name: str | None) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.csv.enabled:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    if cfg.wandb.enabled:
+        loggers.append(WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name,
+                                   save_dir=str(run_dir), mode=wandb_mode(cfg.wandb.mode), config=config,
+                                   tags=list(cfg.wandb.tags), job_type="train"))
+    return loggers
+
+
+def log_results(loggers: list[Logger], results: dict) -> None:
+    """before/after metrics under slash-separated names, plus a W&B table of both."""
+    flat = {f"{stage}/{k}": v for stage in ("before", "after") for k, v in (results.get(stage) or {}).items()}
+    step = results.get("train", {}).get("steps", 0)
+    for lg in loggers:
+        lg.log_metrics(flat, step=step)
+        if isinstance(lg, WandbLogger):
+            after = results["after"]
+            before = results.get("before") or {}
+            lg.log_table("eval/before_after", columns=["metric", "before", "after"],
+                         data=[[k, before.get(k), after[k]] for k in after])
+            lg.experiment.summary.update(flat)
+        lg.save()
+
+
+def finish(loggers: list[Logger], failed: bool) -> None:
+    """Close W&B runs (a failed job is marked failed) so the next job of a sweep starts clean."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            lg.experiment.finish(exit_code=1 if failed else 0)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")

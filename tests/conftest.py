@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny synthetic world aligned once per session, offline everything."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
+                  WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from safeprobe.config import CONF_DIR, PROJECT_ROOT  # noqa: E402
+
+# small and fast: the micro world, a few steps, a few eval prompts, CSV logging only
+FAST = ["model=synthetic_micro", "logger=csv", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1", "data.n_train=32", "data.batch_size=8", "data.safety_batch_size=4",
+        "eval.n_harmful=8", "eval.n_task=8", "eval.max_new_tokens=20"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cache")
+    os.environ["SAFEPROBE_CACHE"] = str(d)  # for subprocesses (train.py / eval.py)
+    return d
+
+
+@pytest.fixture
+def make_cfg(cache_dir, tmp_path):
+    """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
+    def make(*overrides: str, fast: bool = True, out: Path | None = None) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=[*(FAST if fast else []), f"paths.output_dir={out or tmp_path / 'run'}",
+                                               f"paths.cache_dir={cache_dir}", *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def micro(cache_dir):
+    """The aligned micro base model (built on first use), its tokenizer and world."""
+    from safeprobe.config import ModelConfig, validate
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["model=synthetic_micro", "paths.output_dir=unused", f"paths.cache_dir={cache_dir}"])
+    c = validate(cfg)
+    assert isinstance(c.model, ModelConfig)
+    return c
+
+
+def run_script(script: str, *args: str, cwd: Path = PROJECT_ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=os.environ.copy())
