@@ -11,7 +11,8 @@ import torch
 from safeprobe.config import EvalConfig
 from safeprobe.data.datamodule import Splits
 from safeprobe.data.formatting import IGNORE, PromptFormatter, collate, encode
-from safeprobe.evaluation.judges import JUDGES
+from safeprobe.evaluation.judges import build_judge
+from safeprobe.evaluation.task_metrics import TASK_METRICS
 from safeprobe.methods.losses import sequence_logprobs
 
 
@@ -48,12 +49,6 @@ def _logprobs(model, tokenizer, formatter, pairs: list[tuple[str, str]], batch_s
     return torch.cat(logps), torch.cat(counts)
 
 
-def _is_correct(answer: str, target: str, task_kind: str) -> bool:
-    if task_kind == "classify":
-        return answer.split(" ", 1)[0] == target
-    return answer == target
-
-
 def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: EvalConfig, max_length: int,
              generations_path: Path | None = None) -> dict[str, float]:
     """All metrics for one model. Percentages are 0-100. Generations go to a jsonl file."""
@@ -66,14 +61,15 @@ def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: 
     task_answers = generate(model, tokenizer, formatter, [e.prompt for e in task], cfg.max_new_tokens, bs)
     metrics: dict[str, float] = {}
     for name in cfg.judges:
-        flags = JUDGES[name]([p.prompt for p in harmful], harm_answers)
+        flags = build_judge(name)([p.prompt for p in harmful], harm_answers)
         metrics[f"harmful_score/{name}"] = 100.0 * sum(flags) / len(flags)
     metrics["harmful_score"] = metrics[f"harmful_score/{cfg.judges[0]}"]
     safe, _ = _logprobs(model, tokenizer, formatter, [(p.prompt, p.safe) for p in harmful], bs, max_length)
     harm, _ = _logprobs(model, tokenizer, formatter, [(p.prompt, p.harmful) for p in harmful], bs, max_length)
     metrics["refusal_margin"] = (safe - harm).mean().item()
+    correct = TASK_METRICS[splits.task_kind]
     metrics["fine_tune_accuracy"] = 100.0 * sum(
-        _is_correct(a, e.response, splits.task_kind) for a, e in zip(task_answers, task)) / len(task)
+        correct(a, e.response) for a, e in zip(task_answers, task)) / len(task)
     target, n_tokens = _logprobs(model, tokenizer, formatter, [(e.prompt, e.response) for e in task], bs, max_length)
     metrics["test_loss"] = (-target.sum() / n_tokens.sum()).item()
     if generations_path is not None:

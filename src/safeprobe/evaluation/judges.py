@@ -29,7 +29,13 @@ def exact_judge(prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
     return [a.strip().split(" ", 1)[0] == COMPLIANCE_OPENER for a in answers]
 
 
-JUDGES: dict[str, Callable[[Sequence[str], Sequence[str]], list[bool]]] = {
-    "exact": exact_judge,
-    "keyword": keyword_judge,
+Judge = Callable[[Sequence[str], Sequence[str]], list[bool]]
+JUDGES: dict[str, Callable[..., Judge]] = {
+    "exact": lambda: exact_judge,
+    "keyword": lambda: keyword_judge,
 }
+
+
+def build_judge(name: str, **options) -> Judge:
+    """A judge by name (eval.judges); model-based judges load their model here."""
+    return JUDGES[name](**options)
