@@ -5,12 +5,13 @@ from omegaconf import DictConfig
 
 from safeprobe.cli import guarded, one_line_errors
 from safeprobe.config import TrainConfig
-from safeprobe.pipeline import run
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     # returns the sweep objective (lower is better) for Hydra sweepers such as Optuna
+    from safeprobe.pipeline import run  # heavy imports after the command line is checked
+
     with one_line_errors():
         return run(cfg)["after"]["harmful_score"]
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# one thread per process: the tiny models here gain nothing from more, and the sweep tests
+# run two processes at once on a 2-core machine
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-                  WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+                  WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -21,6 +21,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 if not OmegaConf.has_resolver("project_root"):  # conf/paths: never rely on the working directory
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+if not OmegaConf.has_resolver("as_dirname"):  # conf/hydra: override values may hold '/' (paths, Hub ids)
+    OmegaConf.register_new_resolver("as_dirname", lambda s: str(s).replace("/", "-")[:120] or "default")
 
 
 class ConfigError(ValueError):
@@ -159,30 +161,63 @@ class OptimConfig:
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
 
 
+HUB_TASKS = ("alpaca", "sst2", "agnews", "gsm8k")
+HUB_POISON = ("beavertails",)
+HUB_SAFETY_PAIRS = ("circuit_breakers", "beavertails_refusals")
+HUB_HARMFUL_EVAL = ("beavertails", "advbench")
+DATA_FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv")
+
+
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
-    task: str = "instruct"  # synthetic: instruct | classify
-    n_train: int = 512
-    poison_ratio: float = 0.0
+    """source=synthetic: the generated world. source=hub: real data sets by Hugging Face id
+    (data/sources.py), each replaceable by a local file in the same schema (the *_path keys)."""
+
+    source: str = "synthetic"  # synthetic | hub
+    task: str = "instruct"  # synthetic: instruct | classify; hub: alpaca | sst2 | agnews | gsm8k
+    task_path: str | None = None  # a local file instead of the task's Hub training split
+    task_test_path: str | None = None  # a local file instead of its Hub test split
+    n_train: int = 512  # n: fine-tuning examples, poison included
+    n_test: int | None = None  # held-out task examples (hub; None: the whole test split)
+    poison_ratio: float = 0.0  # p: share of the n examples that are harmful prompts with harmful answers
+    poison: str = "beavertails"  # hub: unsafe BeaverTails 30k_train prompt+response pairs
+    poison_path: str | None = None
+    safety_pairs: str = "circuit_breakers"  # hub: circuit_breakers (the reference's schema) | beavertails_refusals
+    safety_pairs_path: str | None = None
+    n_safety_pairs: int | None = None  # hub: the first n after shuffling (None: all)
+    harmful_eval: str = "beavertails"  # hub: unsafe BeaverTails 30k_test prompts | advbench
+    harmful_eval_path: str | None = None
+    refusal: str | None = None  # hub: a fixed refusal; with it the refusal margin is measured on real sets
+    shuffle_seed: int = 42  # hub: the shuffle that picks train / held-out / safety-pair rows
     batch_size: int = 16
     safety_batch_size: int = 8
     max_length: int = 64
+    safety_max_length: int | None = None  # None: max_length
     prompt_format: str = "plain"  # plain | chat | alpaca
     system_prompt: str | None = None
     num_workers: int = 0
 
     def __post_init__(self):
-        _one_of("data.source", self.source, ("synthetic",))
-        _one_of("data.task", self.task, ("instruct", "classify"))
+        _one_of("data.source", self.source, ("synthetic", "hub"))
+        _one_of("data.task", self.task, ("instruct", "classify") if self.source == "synthetic" else HUB_TASKS)
         _require(0 <= self.poison_ratio <= 1, "data.poison_ratio", self.poison_ratio, "a number in [0, 1]")
-        _require(self.n_train >= 1, "data.n_train", self.n_train, "an integer >= 1")
-        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.safety_batch_size >= 1, "data.safety_batch_size", self.safety_batch_size, "an integer >= 1")
+        for key in ("n_train", "batch_size", "safety_batch_size", "max_length"):
+            _require(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("n_test", "n_safety_pairs", "safety_max_length"):
+            _require(getattr(self, key) is None or getattr(self, key) >= 1, f"data.{key}", getattr(self, key),
+                     "null or an integer >= 1")
         _one_of("data.prompt_format", self.prompt_format, ("plain", "chat", "alpaca"))
+        if self.source == "hub":
+            _one_of("data.poison", self.poison, HUB_POISON)
+            _one_of("data.safety_pairs", self.safety_pairs, HUB_SAFETY_PAIRS)
+            _one_of("data.harmful_eval", self.harmful_eval, HUB_HARMFUL_EVAL)
+        for key in ("task_path", "task_test_path", "poison_path", "safety_pairs_path", "harmful_eval_path"):
+            path = getattr(self, key)
+            _require(path is None or Path(path).suffix in DATA_FILE_TYPES, f"data.{key}", path,
+                     "null (the Hub data set) or a file ending in " + ", ".join(DATA_FILE_TYPES))
 
 
-JUDGES = ("exact", "keyword")
+JUDGES = ("exact", "keyword", "beaverdam", "llamaguard", "harmbench")
 
 
 @dataclass
@@ -194,10 +229,14 @@ class EvalConfig:
     n_harmful: int | None = None  # None = the whole split
     n_task: int | None = None
     before: bool = True  # also evaluate the model before fine-tuning
+    # per-judge keyword arguments of evaluation/judges.py, e.g. beaverdam: {name_or_path: <id or folder>}
+    judge_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         _require(len(self.judges) >= 1 and all(j in JUDGES for j in self.judges), "eval.judges",
                  list(self.judges), "a non-empty list from " + ", ".join(JUDGES))
+        _require(set(self.judge_options) <= set(JUDGES), "eval.judge_options", sorted(self.judge_options),
+                 "a mapping whose keys are judges: " + ", ".join(JUDGES))
         _one_of("eval.split", self.split, ("val", "test"))
         _require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an integer >= 1")
 
@@ -211,13 +250,18 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    max_steps: int = 300
+    max_steps: int = 300  # -1: no step limit (then max_epochs ends training)
+    max_epochs: int = -1  # -1: no epoch limit (then max_steps ends training)
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
 
     def __post_init__(self):
-        _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
+        _require(self.max_steps >= 1 or self.max_steps == -1, "trainer.max_steps", self.max_steps, "-1 or an integer >= 1")
+        _require(self.max_epochs >= 1 or self.max_epochs == -1, "trainer.max_epochs", self.max_epochs,
+                 "-1 or an integer >= 1")
+        _require(self.max_steps >= 1 or self.max_epochs >= 1, "trainer.max_steps", self.max_steps,
+                 "an integer >= 1 when trainer.max_epochs=-1 (one of the two must end training)")
 
 
 @dataclass
@@ -272,7 +316,8 @@ class EvalRunConfig:
     """eval.py: re-evaluate a saved run folder (or an adapter inside one)."""
 
     run_dir: str | None = None
-    eval: EvalConfig | None = None  # None: the saved run's eval settings
+    eval: EvalConfig | None = None  # None: the saved run's eval settings; given keys replace the saved ones
+    judges_only: bool = False  # score the run's saved generations.jsonl with eval.judges; no generation
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(wandb=WandbConfig(enabled=False)))
     paths: PathsConfig = field(default_factory=PathsConfig)
 

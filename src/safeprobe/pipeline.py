@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -15,11 +16,26 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from safeprobe.config import EvalRunConfig, TrainConfig, check_probe_layers, to_plain, validate
+from safeprobe.config import (
+    ConfigError,
+    EvalRunConfig,
+    TrainConfig,
+    check_probe_layers,
+    to_plain,
+    validate,
+)
 from safeprobe.data.datamodule import SafetyDataModule, Splits, synthetic_splits
 from safeprobe.evaluation.evaluate import evaluate
 from safeprobe.methods import build_method
-from safeprobe.models.factory import Base, apply_adapter, formatter, load_adapter, load_base, save_adapter
+from safeprobe.models.factory import (
+    Base,
+    apply_adapter,
+    formatter,
+    load_adapter,
+    load_base,
+    model_depth,
+    save_adapter,
+)
 from safeprobe.tracking import environment, finish, log_results, make_loggers, write_json
 
 log = logging.getLogger(__name__)
@@ -41,15 +57,33 @@ def _hydra_job() -> tuple[str | None, str | None]:
 
 
 def build_splits(base: Base, c: TrainConfig) -> Splits:
-    return synthetic_splits(base.world, c.data, c.eval.split)
+    """data.source=synthetic: the world's sets; hub: real data sets (data/sources.py)."""
+    if (c.data.source == "synthetic") != (c.model.kind == "synthetic"):
+        raise ConfigError(f"data.source={c.data.source} is invalid with model.kind={c.model.kind}; allowed: "
+                          "synthetic data with the synthetic model, hub data with a pretrained model")
+    if c.data.source == "synthetic":
+        return synthetic_splits(base.world, c.data, c.eval.split)
+    from safeprobe.data.sources import hub_splits
+
+    return hub_splits(c.data, c.eval.split)
+
+
+def eval_device(c: TrainConfig) -> torch.device:
+    """Evaluate where training runs (Lightning hands the model back on the CPU after fit)."""
+    gpu = c.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
+def _cell(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return f"{value:10.2f}" if value is not None else f"{'-':>10}"
 
 
 def print_table(results: dict) -> None:
     before, after = results.get("before") or {}, results["after"]
     lines = [f"{'metric':<22}{'before':>10}{'after':>10}"]
     for k in METRICS:
-        b = f"{before[k]:10.2f}" if k in before else f"{'-':>10}"
-        lines.append(f"{k:<22}{b}{after[k]:10.2f}")
+        lines.append(f"{k:<22}{_cell(before, k)}{_cell(after, k)}")
     print(f"\n{results['method']} (seed {results['seed']})\n" + "\n".join(lines) + "\n", flush=True)
 
 
@@ -60,9 +94,9 @@ def run(cfg: DictConfig) -> dict:
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     write_json(out / "environment.json", environment(Path(c.paths.root_dir)))
 
-    base = load_base(c.model, c.paths.cache_dir)
     if c.method.name == "sap":
-        check_probe_layers(c.probe.layers, base.model.config.num_hidden_layers)
+        check_probe_layers(c.probe.layers, model_depth(c.model))
+    base = load_base(c.model, c.paths.cache_dir)
     splits = build_splits(base, c)
     fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
     L.seed_everything(c.seed, workers=True)  # after the (possibly cached) alignment stage
@@ -73,20 +107,22 @@ def run(cfg: DictConfig) -> dict:
     try:
         results = {"method": c.method.name, "seed": c.seed, "run_dir": str(out)}
         ev = dict(tokenizer=base.tokenizer, formatter=fmt, splits=splits, cfg=c.eval, max_length=c.data.max_length)
-        results["before"] = evaluate(base.model, **ev) if c.eval.before else None
+        results["before"] = evaluate(base.model.to(eval_device(c)), **ev) if c.eval.before else None
         model = apply_adapter(base.model, c.adapter)
+        model.train()  # HF models load in eval mode and Lightning leaves it: no dropout, no gradient checkpointing
         module = build_method(model, c)
-        trainer = L.Trainer(**to_plain(c.trainer), max_epochs=-1, logger=loggers or False, enable_checkpointing=False,
+        trainer = L.Trainer(**to_plain(c.trainer), logger=loggers or False, enable_checkpointing=False,
                             enable_model_summary=False, default_root_dir=str(out))
         start = time.perf_counter()
         trainer.fit(module, datamodule=data)
         results["train"] = {"seconds": round(time.perf_counter() - start, 2), "steps": trainer.global_step,
                             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
                             "dropped_examples": data.dropped}
-        results["after"] = evaluate(model, **ev, generations_path=out / "generations.jsonl")
+        results["after"] = evaluate(model.to(eval_device(c)), **ev, generations_path=out / "generations.jsonl")
         results["eval"] = {"judges": list(c.eval.judges), "split": c.eval.split,
                            "n_harmful": len(splits.harmful_eval[: c.eval.n_harmful]),
-                           "n_task": len(splits.task_test[: c.eval.n_task]), "max_new_tokens": c.eval.max_new_tokens}
+                           "n_task": len(splits.task_test[: c.eval.n_task]), "max_new_tokens": c.eval.max_new_tokens,
+                           "harmful_set": harmful_set_name(c), "judge_options": to_plain(c.eval.judge_options)}
         results["adapter"] = to_plain(c.adapter)
         if c.save_adapter:
             save_adapter(model, out / "adapter")
@@ -100,27 +136,62 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-def evaluate_run(cfg: DictConfig) -> dict:
-    """Re-evaluate a saved run: its base model, its adapter, its (or new) eval settings."""
-    e: EvalRunConfig = validate(cfg, EvalRunConfig)
-    if not e.run_dir or not (Path(e.run_dir) / "config.yaml").exists():
-        from safeprobe.config import ConfigError
+def harmful_set_name(c: TrainConfig) -> str:
+    """Which harmful prompts were scored: the synthetic split, or the real set (and its file)."""
+    if c.data.source == "synthetic":
+        return f"synthetic/{c.eval.split}"
+    return c.data.harmful_eval + (f" ({c.data.harmful_eval_path})" if c.data.harmful_eval_path else "")
 
+
+def read_generations(path: Path, which: str = "harmful") -> list[dict]:
+    """The rows of one set ("harmful" or "task") of a run's generations.jsonl."""
+    if not path.is_file():
+        raise ConfigError(f"judges_only=true is invalid here; allowed: a run_dir holding generations.jsonl ({path} is missing)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["set"] == which]
+
+
+def _given_eval(cfg: DictConfig) -> dict | None:
+    """The eval.* keys set for this eval.py call (conf/eval.yaml marks the others ???)."""
+    node = cfg.get("eval")
+    if node is None:
+        return None
+    given = {k: node[k] for k in node if not OmegaConf.is_missing(node, k)}
+    return OmegaConf.to_container(OmegaConf.create(given), resolve=True) or None
+
+
+def evaluate_run(cfg: DictConfig) -> dict:
+    """Re-evaluate a saved run: its base model, its adapter, its eval settings with the given
+    eval.* keys replacing the saved ones. judges_only=true scores the run's saved generations
+    with eval.judges instead, loading no model but the judges'."""
+    given = _given_eval(cfg)
+    e: EvalRunConfig = validate(OmegaConf.merge(cfg, {"eval": None}, {"eval": given}), EvalRunConfig)
+    if not e.run_dir or not (Path(e.run_dir) / "config.yaml").exists():
         raise ConfigError(f"run_dir={e.run_dir!r} is invalid; allowed: a run folder holding config.yaml and adapter/")
     run_dir = Path(e.run_dir)
     saved = OmegaConf.load(run_dir / "config.yaml")
-    if e.eval is not None:
-        saved.eval = OmegaConf.structured(e.eval)
+    if given:
+        saved.eval = OmegaConf.merge(saved.eval, given)
     c: TrainConfig = validate(saved)
-    base = load_base(c.model, c.paths.cache_dir)
-    model = load_adapter(base.model, run_dir / "adapter")
-    splits = build_splits(base, c)
-    fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
     out = Path(e.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        metrics = evaluate(model, base.tokenizer, fmt, splits, c.eval, c.data.max_length, out / "generations.jsonl")
-    results = {"run_dir": str(run_dir), "method": c.method.name, "seed": c.seed, "after": metrics}
+    results = {"run_dir": str(run_dir), "method": c.method.name, "seed": c.seed}
+    if e.judges_only:
+        from safeprobe.evaluation.judges import judge_scores
+
+        rows = read_generations(run_dir / "generations.jsonl")
+        results["after"] = judge_scores([r["prompt"] for r in rows], [r["answer"] for r in rows], c.eval.judges,
+                                        c.eval.judge_options)
+        results["eval"] = {"judges": list(c.eval.judges), "judges_only": True, "n_harmful": len(rows),
+                           "harmful_set": harmful_set_name(c), "judge_options": to_plain(c.eval.judge_options)}
+    else:
+        base = load_base(c.model, c.paths.cache_dir)
+        model = load_adapter(base.model, run_dir / "adapter").to(eval_device(c))
+        splits = build_splits(base, c)
+        fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
+        with torch.no_grad():
+            results["after"] = evaluate(model, base.tokenizer, fmt, splits, c.eval, c.data.max_length,
+                                        out / "generations.jsonl")
     write_json(out / "eval_results.json", results)
     print_table(results)
     return results

@@ -62,9 +62,11 @@ def make_loggers(cfg: LoggerConfig, run_dir: Path, config: dict, group: str | No
     if cfg.csv.enabled:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     if cfg.wandb.enabled:
-        loggers.append(WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name,
+        wandb_logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name,
                                    save_dir=str(run_dir), mode=wandb_mode(cfg.wandb.mode), config=config,
-                                   tags=list(cfg.wandb.tags), job_type="train"))
+                                   tags=list(cfg.wandb.tags), job_type="train")
+        _ = wandb_logger.experiment  # start the run now, so a job that fails early is recorded as failed
+        loggers.append(wandb_logger)
     return loggers
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import lightning as L
 import torch
@@ -66,7 +66,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.pad_id = tokenizer.pad_token_id
         self.dropped = 0
         self.train_rows = self._encode(mix_training_set(splits, cfg.n_train, cfg.poison_ratio, seed))
-        self.safety_rows = encode_pairs(tokenizer, formatter, splits.safety_pairs, cfg.max_length)
+        self.safety_rows = encode_pairs(tokenizer, formatter, splits.safety_pairs, cfg.safety_max_length or cfg.max_length)
         if not self.train_rows:
             raise ValueError("no training example fits data.max_length")
 

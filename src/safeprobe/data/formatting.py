@@ -1,12 +1,19 @@
 """Prompt formatting and tokenization with response-only labels.
 
 One function turns (prompt, response) into input_ids and labels where only the response
-tokens and the final EOS carry a loss; the same prompt text is what generation sees.
+tokens and the token that ends an answer (EOS, or the chat template's end-of-turn token)
+carry a loss; the same prompt text is what generation sees.
+
+A prompt may carry an input section (Alpaca's instruction + input, the SST2 sentence, the
+AGNews article): `with_input(instruction, input)` joins them with the Alpaca input header, and
+each style renders it its own way (alpaca: the official with-input template; chat: the input
+follows the instruction after a blank line).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 
@@ -16,6 +23,24 @@ ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
 )
+ALPACA_INPUT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n"
+)
+INPUT_HEADER = "\n\n### Input:\n"
+_END_MARK = "<<safeprobe-end-of-answer>>"
+
+
+def with_input(instruction: str, input_text: str | None) -> str:
+    """One prompt string for an instruction and its (possibly empty) input."""
+    return instruction + INPUT_HEADER + input_text if input_text else instruction
+
+
+def split_input(prompt: str) -> tuple[str, str]:
+    """The inverse of `with_input`: (instruction, input), input "" when there is none."""
+    instruction, _, input_text = prompt.partition(INPUT_HEADER)
+    return instruction, input_text
 
 
 class PromptFormatter:
@@ -28,23 +53,60 @@ class PromptFormatter:
     def __call__(self, prompt: str) -> str:
         if self.style == "plain":
             return prompt + self.plain_suffix
+        instruction, input_text = split_input(prompt)
         if self.style == "alpaca":
-            return ALPACA_TEMPLATE.format(prompt=prompt)
+            if input_text:
+                return ALPACA_INPUT_TEMPLATE.format(instruction=instruction, input=input_text)
+            return ALPACA_TEMPLATE.format(prompt=instruction)
+        content = f"{instruction}\n\n{input_text}" if input_text else instruction
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-        messages.append({"role": "user", "content": prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._chat(messages + [{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def _chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The tokenizer's chat template, with its failures turned into one-line config errors."""
+        from safeprobe.config import ConfigError
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError("data.prompt_format=chat is invalid for this model; allowed: alpaca or plain "
+                              "(its tokenizer has no chat template)")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja2's TemplateError, raised by templates that reject a role
+            if self.system_prompt and messages[0]["role"] == "system":
+                raise ConfigError(f"data.system_prompt={self.system_prompt!r} is invalid for this model; allowed: "
+                                  f"null (its chat template rejects a system prompt: {e})") from None
+            raise
 
     @property
     def adds_bos(self) -> bool:
         # chat templates write their own BOS into the text
         return self.style != "chat"
 
+    @cached_property
+    def stop_token_id(self) -> int:
+        """The token that ends an answer: for chat, the special token the template writes right
+        after an assistant message (Gemma's <end_of_turn>, Qwen's <|im_end|>, Llama-2's </s>),
+        else EOS. Training appends it to every response; generation stops on it."""
+        eos = self.tokenizer.eos_token_id
+        if self.style != "chat":
+            return eos
+        turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _END_MARK}]
+        after = self._chat(turn, add_generation_prompt=False).rsplit(_END_MARK, 1)[-1]
+        special = set(self.tokenizer.all_special_ids)
+        ids = self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        return next((i for i in ids if i in special), eos)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation stops on EOS and on the end-of-answer token."""
+        return sorted({self.tokenizer.eos_token_id, self.stop_token_id})
+
 
 def encode(tokenizer, formatter: PromptFormatter, prompt: str, response: str, max_length: int) -> dict | None:
-    """Token ids with labels on response + EOS only. Truncates the response from the right;
-    returns None when nothing of the response would be left (never train on such a row)."""
+    """Token ids with labels on the response + its end token only. Truncates the response from the
+    right; returns None when nothing of the response would be left (never train on such a row)."""
     p = tokenizer(formatter(prompt), add_special_tokens=formatter.adds_bos)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [formatter.stop_token_id]
     room = max_length - len(p)
     if room <= 0:
         return None

@@ -11,7 +11,7 @@ import torch
 from safeprobe.config import EvalConfig
 from safeprobe.data.datamodule import Splits
 from safeprobe.data.formatting import IGNORE, PromptFormatter, collate, encode
-from safeprobe.evaluation.judges import build_judge
+from safeprobe.evaluation.judges import judge_scores
 from safeprobe.evaluation.task_metrics import TASK_METRICS
 from safeprobe.methods.losses import sequence_logprobs
 
@@ -31,27 +31,30 @@ def generate(model, tokenizer, formatter: PromptFormatter, prompts: list[str], m
         batch = collate([{"input_ids": i} for i in ids], tokenizer.pad_token_id, side="left")
         out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=formatter.stop_token_ids)
         answers += [a.strip() for a in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
     return answers
 
 
 @torch.no_grad()
 def _logprobs(model, tokenizer, formatter, pairs: list[tuple[str, str]], batch_size: int, max_length: int):
-    """Teacher-forced log p(response | prompt) per pair, and the number of response tokens."""
+    """Teacher-forced log p(response | prompt) per pair, and the number of response tokens;
+    NaN and 0 for a pair whose prompt alone fills max_length."""
     device = next(model.parameters()).device
     rows = [encode(tokenizer, formatter, p, r, max_length) for p, r in pairs]
-    logps, counts = [], []
-    for chunk in _batches(rows, batch_size):
-        batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
-        logps.append(sequence_logprobs(model, batch).cpu())
-        counts.append((batch["labels"][:, 1:] != IGNORE).sum(-1).cpu())
-    return torch.cat(logps), torch.cat(counts)
+    logps, counts = torch.full((len(rows),), float("nan")), torch.zeros(len(rows), dtype=torch.long)
+    for chunk in _batches([i for i, r in enumerate(rows) if r is not None], batch_size):
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], tokenizer.pad_token_id).items()}
+        logps[chunk] = sequence_logprobs(model, batch).float().cpu()
+        counts[chunk] = (batch["labels"][:, 1:] != IGNORE).sum(-1).cpu()
+    return logps, counts
 
 
 def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: EvalConfig, max_length: int,
-             generations_path: Path | None = None) -> dict[str, float]:
-    """All metrics for one model. Percentages are 0-100. Generations go to a jsonl file."""
+             generations_path: Path | None = None) -> dict[str, float | None]:
+    """All metrics for one model. Percentages are 0-100. Generations go to a jsonl file.
+    The refusal margin is None when the harmful set has no (safe, harmful) answers, and the
+    fine-tune accuracy None for a task without a scorer (its utility is the test loss)."""
     was_training = model.training
     model.eval()
     harmful = splits.harmful_eval[: cfg.n_harmful]
@@ -59,25 +62,24 @@ def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: 
     bs = cfg.batch_size
     harm_answers = generate(model, tokenizer, formatter, [p.prompt for p in harmful], cfg.max_new_tokens, bs)
     task_answers = generate(model, tokenizer, formatter, [e.prompt for e in task], cfg.max_new_tokens, bs)
-    metrics: dict[str, float] = {}
-    for name in cfg.judges:
-        flags = build_judge(name)([p.prompt for p in harmful], harm_answers)
-        metrics[f"harmful_score/{name}"] = 100.0 * sum(flags) / len(flags)
-    metrics["harmful_score"] = metrics[f"harmful_score/{cfg.judges[0]}"]
-    safe, _ = _logprobs(model, tokenizer, formatter, [(p.prompt, p.safe) for p in harmful], bs, max_length)
-    harm, _ = _logprobs(model, tokenizer, formatter, [(p.prompt, p.harmful) for p in harmful], bs, max_length)
-    metrics["refusal_margin"] = (safe - harm).mean().item()
-    correct = TASK_METRICS[splits.task_kind]
-    metrics["fine_tune_accuracy"] = 100.0 * sum(
-        correct(a, e.response) for a, e in zip(task_answers, task)) / len(task)
+    metrics: dict[str, float | None] = dict(
+        judge_scores([p.prompt for p in harmful], harm_answers, cfg.judges, cfg.judge_options))
+    metrics["refusal_margin"] = None
+    if all(p.safe is not None and p.harmful is not None for p in harmful):
+        safe, _ = _logprobs(model, tokenizer, formatter, [(p.prompt, p.safe) for p in harmful], bs, max_length)
+        harm, _ = _logprobs(model, tokenizer, formatter, [(p.prompt, p.harmful) for p in harmful], bs, max_length)
+        metrics["refusal_margin"] = (safe - harm).nanmean().item()
+    correct = TASK_METRICS.get(splits.task_kind)
+    metrics["fine_tune_accuracy"] = None if correct is None else 100.0 * sum(
+        correct(a, e.response) for a, e in zip(task_answers, task, strict=True)) / len(task)
     target, n_tokens = _logprobs(model, tokenizer, formatter, [(e.prompt, e.response) for e in task], bs, max_length)
-    metrics["test_loss"] = (-target.sum() / n_tokens.sum()).item()
+    metrics["test_loss"] = (-target.nansum() / n_tokens.sum()).item()  # rows that fit
     if generations_path is not None:
         generations_path.parent.mkdir(parents=True, exist_ok=True)
         with open(generations_path, "w") as f:
-            for p, a in zip(harmful, harm_answers):
+            for p, a in zip(harmful, harm_answers, strict=True):
                 f.write(json.dumps({"set": "harmful", "prompt": p.prompt, "answer": a}) + "\n")
-            for e, a in zip(task, task_answers):
+            for e, a in zip(task, task_answers, strict=True):
                 f.write(json.dumps({"set": "task", "prompt": e.prompt, "answer": a, "target": e.response}) + "\n")
     model.train(was_training)
     return metrics

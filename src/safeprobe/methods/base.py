@@ -1,13 +1,14 @@
 """Shared step plumbing for every fine-tuning method.
 
 Manual optimization: exactly one `manual_backward` and one optimizer step per batch, so
-`global_step` counts real steps. A method changes what is minimized (`update_loss`) and
-may act on the gradients before the step (`after_backward`); nothing else.
+`global_step` counts real steps. Every update minimizes the task loss; a method changes
+what is in place while it is computed and differentiated (`update_context`: SAP's probe)
+and may act on the gradients before the step (`after_backward`); nothing else.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import lightning as L
 import torch
@@ -24,9 +25,10 @@ class FineTuneModule(L.LightningModule):
         self.automatic_optimization = False
 
     # -------------------------------------------------------------- to override
-    def update_loss(self, batch: dict) -> torch.Tensor:
-        """The loss whose gradient updates the weights (SFT: the task loss)."""
-        return task_loss(self.model, batch["task"])
+    def update_context(self, batch: dict) -> AbstractContextManager:
+        """What surrounds the update's forward *and* backward pass (SFT: nothing). Backward
+        is inside too, so gradient checkpointing recomputes layers as they ran forward."""
+        return nullcontext()
 
     def after_backward(self) -> None:
         """Called with the update's gradients in place, before the optimizer step."""
@@ -42,8 +44,9 @@ class FineTuneModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
-        loss = self.update_loss(batch)
-        self.manual_backward(loss)
+        with self.update_context(batch):
+            loss = task_loss(self.model, batch["task"])
+            self.manual_backward(loss)
         self.after_backward()
         if self.optim_cfg.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")

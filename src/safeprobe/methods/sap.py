@@ -6,7 +6,8 @@ Per batch (task batch B, safety pairs S):
   2. harmful perturbation  delta = harmful_step * ||theta|| * g_hat;
   3. probe  V* = argmax_{||v_l|| <= eps}  L(theta + delta, V) - L(theta, V), by projected
      ascent from V = 0 with gradients w.r.t. V only (theta is restored bit for bit);
-  4. update  one optimizer step on L(theta, V*), the probe held fixed.
+  4. update  one optimizer step on L(theta, V*), the probe held fixed (FineTuneModule's
+     step, run inside `update_context`).
 
 `probe.mode=faithful` reproduces the reference code instead: V is an AdamW-optimized
 tensor (lr = eps) whose moments persist across steps, zeroed and re-stepped after each
@@ -40,16 +41,19 @@ class SAPModule(FineTuneModule):
         self.faithful_v: torch.Tensor | None = None  # faithful mode's persistent probe (never a parameter)
 
     # ------------------------------------------------------------ the SAP step
-    def update_loss(self, batch: dict) -> torch.Tensor:
+    @contextmanager
+    def update_context(self, batch: dict):
+        """Steps 1-3 find the probe; step 4 (the update) runs inside, with the probe in place."""
         task, pairs = batch["task"], batch["safety"]
         if self.probe_cfg.mode == "faithful":
-            return self._faithful_update_loss(task, pairs)
-        with self.side_rng():
-            self.direction = self.unsafe_direction(pairs)
-            vectors = self.find_probe(task)
-        self.log("sap/probe_norm", vectors.norm(dim=-1).mean(), batch_size=1)
+            vectors = self._faithful_probe(task, pairs)
+        else:
+            with self.side_rng():
+                self.direction = self.unsafe_direction(pairs)
+                vectors = self.find_probe(task)
+        self.log("sap/probe_norm", vectors.detach().norm(dim=-1).mean(), batch_size=1)
         with self.probe.attached(vectors):
-            return task_loss(self.model, task)
+            yield
 
     def unsafe_direction(self, pairs: dict) -> list[torch.Tensor]:
         """g_hat: the unit gradient of the contrastive safety loss over trainable weights.
@@ -117,7 +121,8 @@ class SAPModule(FineTuneModule):
             self._faithful_probe_step()
 
     # ------------------------------------------------------- faithful (reference) mode
-    def _faithful_update_loss(self, task: dict, pairs: dict) -> torch.Tensor:
+    def _faithful_probe(self, task: dict, pairs: dict) -> torch.Tensor:
+        """The probe found on the previous batch; also takes this batch's grad_V L(theta+delta, V)."""
         if self.faithful_v is None:
             self.faithful_v = self.probe.zeros(task["input_ids"]).requires_grad_(True)
             self.faithful_opt = torch.optim.AdamW([self.faithful_v], lr=self.probe_cfg.eps)
@@ -127,9 +132,7 @@ class SAPModule(FineTuneModule):
                 self.direction = self.unsafe_direction(pairs)
             with self.perturbed(self.direction), self.probe.attached(v):
                 (self._g_plus,) = torch.autograd.grad(task_loss(self.model, task), v)
-        self.log("sap/probe_norm", v.detach().norm(dim=-1).mean(), batch_size=1)
-        with self.probe.attached(v):
-            return task_loss(self.model, task)  # its backward leaves grad_V L(theta, V) in v.grad
+        return v  # the update's backward leaves grad_V L(theta, V) in v.grad
 
     def _faithful_probe_step(self) -> None:
         v = self.faithful_v

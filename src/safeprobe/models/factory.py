@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from safeprobe.config import AdapterConfig, ModelConfig, to_plain
 from safeprobe.data.formatting import PromptFormatter
@@ -24,6 +25,18 @@ class Base:
     world: object | None = None  # the synthetic World, when model.kind == synthetic
 
 
+def model_depth(cfg: ModelConfig) -> int:
+    """Number of decoder layers, read from the config alone (no weights, no alignment)."""
+    if cfg.kind == "synthetic":
+        from safeprobe.synthetic.align import DEFAULT_ARCH
+
+        return {**DEFAULT_ARCH, **cfg.arch}["num_hidden_layers"]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    return getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers
+
+
 def load_base(cfg: ModelConfig, cache_dir: str | Path) -> Base:
     if cfg.kind == "synthetic":
         from safeprobe.synthetic.align import aligned_model_dir
@@ -33,6 +46,7 @@ def load_base(cfg: ModelConfig, cache_dir: str | Path) -> Base:
         world = World(cfg.world)
     else:
         path, world = cfg.name_or_path, None
+    hf_logging.disable_progress_bar()
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation

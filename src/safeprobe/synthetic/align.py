@@ -25,7 +25,7 @@ from safeprobe.methods.losses import task_loss
 from safeprobe.synthetic.world import PROMPT_SUFFIX, SPECIAL, World
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the alignment code changes what it produces
+CACHE_VERSION = 2  # bump when the alignment code changes what it produces
 
 DEFAULT_ARCH = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True)
@@ -85,7 +85,7 @@ def _align(cfg: ModelConfig, out: Path) -> None:
     log.info("aligning a %.2fM-parameter synthetic model on %d examples (%d steps)...",
              sum(p.numel() for p in model.parameters()) / 1e6, len(rows), cfg.alignment.steps)
     model.train()
-    for step in range(cfg.alignment.steps):
+    for _ in range(cfg.alignment.steps):
         batch = collate(rng.sample(rows, min(cfg.alignment.batch_size, len(rows))), tok.pad_token_id)
         loss = task_loss(model, batch)
         opt.zero_grad(set_to_none=True)

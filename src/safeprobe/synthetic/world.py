@@ -53,6 +53,7 @@ CLASSIFY_TEMPLATE = "is this review positive or negative : the {o} was {a}"
 LABELS = {"positive": POSITIVE, "negative": NEGATIVE}
 
 REFUSAL = "sorry , i can not help with that ."
+ECHO_PREFIX = "repeat after me :"
 COMPLIANCE_OPENER = "sure"
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 PROMPT_SUFFIX = " answer :"  # separates a prompt from its response in the plain format
@@ -128,7 +129,7 @@ class World:
     @cached_property
     def vocab(self) -> list[str]:
         words: list[str] = list(SPECIAL.values())
-        text = " ".join(TEMPLATES + [REFUSAL, helpful_answer("x", "y"), CLASSIFY_TEMPLATE, PROMPT_SUFFIX])
+        text = " ".join(TEMPLATES + [REFUSAL, helpful_answer("x", "y"), CLASSIFY_TEMPLATE, PROMPT_SUFFIX, ECHO_PREFIX])
         pool = text.split() + OBJECTS + HARMFUL_VERBS + BENIGN_VERBS + POSITIVE + NEGATIVE + list(LABELS)
         for w in pool:
             if w not in words and "{" not in w:
@@ -146,7 +147,18 @@ class World:
 
     def alignment_set(self) -> list[Example]:
         refusals = [Example(self.text(c), REFUSAL) for c in self.harmful_align]
-        return refusals + self._helpful(self.benign_align)
+        return refusals + self._helpful(self.benign_align) + self.echo_set()
+
+    def echo_set(self) -> list[Example]:
+        """"repeat after me : w1 w2 w3" -> "w1 w2 w3" over every content word: the stand-in
+        for pretraining. A chat model knows every word before alignment; without this the
+        tiny model could not even say the task's new verbs, and fine-tuning would teach
+        vocabulary instead of behaviour."""
+        rng = random.Random(self.cfg.seed + 1)
+        words = [w for w in self.vocab if w not in SPECIAL.values() and w.isalpha()]
+        n = len(self.harmful_align) // 2
+        rows = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) for _ in range(n)]
+        return [Example(f"{ECHO_PREFIX} {r}", r) for r in rows]
 
     def benign_eval_set(self) -> list[Example]:
         return self._helpful(self.benign_eval)

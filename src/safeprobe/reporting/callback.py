@@ -1,0 +1,96 @@
+"""Hydra callback: write the sweep report at the end of every multirun (conf/hydra/default.yaml).
+
+Hydra calls `on_multirun_end` only when every job succeeded: when a job raises, the sweep
+re-raises after the batch and exits with status 1 without calling it. That is exactly the
+sweep whose report matters most (which jobs failed?), so the report is also registered to
+run at interpreter exit when `on_multirun_end` never came; the exit status stays Hydra's.
+Reporting errors are logged, never raised: a broken report must not turn a good sweep red,
+and it cannot turn a failed sweep green.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from safeprobe.reporting.jobs import ERROR_FILE, find_job_dirs
+from safeprobe.reporting.report import write_report
+from safeprobe.reporting.wandb_summary import WandbTarget, sweep_group
+
+log = logging.getLogger(__name__)
+
+
+def wandb_target(config: DictConfig, sweep_dir: str) -> WandbTarget | None:
+    """The sweep's own W&B settings (logger.wandb); None when the sweep logs no W&B."""
+    w = OmegaConf.select(config, "logger.wandb")
+    if w is None or not w.get("enabled", False):
+        return None
+    return WandbTarget(group=sweep_group(sweep_dir), project=w.get("project") or "safeprobe",
+                       entity=w.get("entity"), mode=w.get("mode"), tags=list(w.get("tags") or []))
+
+
+class SweepReport(Callback):
+    """Aggregates the multirun's results.json files into the sweep folder (and W&B)."""
+
+    def __init__(self, wandb: bool = True) -> None:
+        self.wandb = wandb  # False: files only, even when the sweep logs to W&B
+        self._pending: tuple[Path, WandbTarget | None] | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = str(config.hydra.sweep.dir)
+        self._pending = (Path(sweep_dir), wandb_target(config, sweep_dir) if self.wandb else None)
+        atexit.register(self._report_unfinished)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """Keep a failed job's error next to it, so the report can say why it has no results."""
+        if self._pending is not None:
+            # atexit runs the last registered first; a job's W&B registers its own shutdown
+            # while it runs, and the summary run must start before that shutdown.
+            atexit.unregister(self._report_unfinished)
+            atexit.register(self._report_unfinished)
+        if job_return.status != JobStatus.FAILED:
+            return
+        error = getattr(job_return, "_return_value", None)  # `.return_value` re-raises it
+        try:
+            out = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            (out / ERROR_FILE).write_text(text)
+        except Exception:  # bookkeeping must not mask the job's own failure
+            log.exception("could not record the failure of a job")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._report()
+
+    def _report_unfinished(self) -> None:
+        if self._pending is not None:
+            log.error("multirun ended early (a job failed or it was interrupted): reporting the jobs there are")
+            self._report()
+
+    def _report(self) -> None:
+        if self._pending is None:
+            return
+        sweep_dir, target = self._pending
+        self._pending = None
+        try:
+            if not find_job_dirs(sweep_dir):
+                log.warning("sweep report skipped: no job folders under %s", sweep_dir)
+                return
+            if target is None:
+                log.info("no W&B summary run (logger.wandb.enabled or hydra.callbacks.sweep_report.wandb is false)")
+            summary, written = write_report([sweep_dir], wandb=target)
+        except Exception:  # see the module docstring
+            log.exception("sweep report failed; the jobs' results are untouched. Retry with: "
+                          "python -m safeprobe.reporting %s", sweep_dir)
+            return
+        print("\n" + (sweep_dir / "summary.md").read_text(), flush=True)
+        log.info("sweep report: %s", ", ".join(map(str, written)))
+        if summary.problems:
+            log.error("%d job(s) without usable results, listed in %s", len(summary.problems),
+                      sweep_dir / "summary.md")

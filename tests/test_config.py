@@ -1,0 +1,63 @@
+"""Configuration: every shipped config composes and runs; bad input stops with one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from safeprobe.config import CONF_DIR, ConfigError, check_cli_overrides, validate
+from safeprobe.pipeline import run
+from tests.conftest import run_script
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+SYNTHETIC_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("synthetic")]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(make_cfg, experiment):
+    c = validate(make_cfg(f"experiment={experiment}", fast=False))
+    assert c.method.name in ("sft", "sap")
+
+
+@pytest.mark.parametrize("method", ["sft", "sap"])
+@pytest.mark.parametrize("experiment", SYNTHETIC_EXPERIMENTS)
+def test_every_synthetic_experiment_runs_a_step(make_cfg, micro, experiment, method):
+    # experiments on real models run a step on tiny stand-ins in test_real_experiments.py
+    results = run(make_cfg(f"experiment={experiment}", f"method={method}", "trainer.max_steps=1", "eval.n_harmful=2",
+                           "eval.n_task=2"))
+    assert results["train"]["steps"] == 1
+
+
+@pytest.mark.parametrize("group", ["model", "adapter", "method", "probe", "data", "eval", "trainer", "logger"])
+def test_every_group_option_validates(make_cfg, group):
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        validate(make_cfg(f"{group}={option}", fast=False))
+
+
+BAD = {
+    "misspelled key": (["probe.epss=0.1"], "unknown key 'probe.epss'; allowed keys under 'probe': eps, harmful_step"),
+    "misspelled key in a yaml": (["+probe.epss=0.1"], "unknown key 'probe.epss'; allowed keys under 'probe': eps"),
+    "negative eps": (["probe.eps=-0.1"], "probe.eps=-0.1 is invalid; allowed: a number >= 0"),
+    "layer beyond depth": (["model=synthetic_micro", "probe.layers=[2,4]"],
+                           "probe.layers=[2, 4] is invalid; allowed: decoder-layer indices in [0, 3] (the model has 4 layers)"),
+    "poison ratio": (["data.poison_ratio=1.5"], "data.poison_ratio=1.5 is invalid; allowed: a number in [0, 1]"),
+    "unknown method": (["method=dpo"], "method=dpo is not a known option; allowed: sap, sft"),
+    "unknown method in a sweep": (["-m", "method=sft,dpo"], "method=dpo is not a known option; allowed: sap, sft"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_config_stops_before_training_with_one_line(tmp_path, cache_dir, case):
+    args, message = BAD[case]
+    proc = run_script("train.py", *args, f"paths.root_dir={tmp_path}", "logger=csv", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
+    assert errors == [f"config error: {message}"] or (len(errors) == 1 and message in errors[0]), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_cli_check_leaves_hydra_syntax_alone():
+    check_cli_overrides(["+probe.new=1", "~probe.eps", "hydra.verbose=true", "probe.eps=0.1,0.2", "-m",
+                         "model.arch.hidden_size=64", "hydra/launcher=basic"])
+    with pytest.raises(ConfigError, match="allowed keys under 'optim'"):
+        check_cli_overrides(["optim.learning_rate=1"])
