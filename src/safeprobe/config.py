@@ -250,7 +250,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    max_steps: int = 300  # -1: no step limit (then max_epochs ends training)
+    max_steps: int = 200  # -1: no step limit (then max_epochs ends training)
     max_epochs: int = -1  # -1: no epoch limit (then max_steps ends training)
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
