@@ -30,7 +30,8 @@ def guarded(fn: Callable, schema: type) -> Callable:
 @contextmanager
 def one_line_errors():
     """Inside a Hydra task: ConfigError -> one line on stderr and exit code 2."""
-    logging.getLogger("lightning").setLevel(logging.WARNING)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # tips and banners, not results
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         yield
     except ConfigError as e:
