@@ -134,3 +134,21 @@ def test_faithful_mode_uses_a_stale_adam_probe(make_cfg):
     v = seen[0]
     assert v.abs().max() <= eps * (1 + 1e-5)
     assert (v.abs() > 0.9 * eps).float().mean() > 0.9
+
+
+def test_unsafe_direction_is_the_unit_gradient_of_the_contrastive_loss(make_cfg):
+    # a high temperature keeps the sigmoid unsaturated, so the plain gradient is well defined
+    from safeprobe.methods.losses import contrastive_safety_loss
+    from safeprobe.methods.sap import global_norm
+
+    _, module, dm = setup(make_cfg, "probe.temperature=50")
+    pairs = first_batch(dm)["safety"]
+    params = module.trainable_parameters()
+    plain = torch.autograd.grad(contrastive_safety_loss(module.model, pairs, 50.0), params)
+    expected = [g / global_norm(plain) for g in plain]
+    got = module.unsafe_direction(pairs)
+    assert torch.allclose(global_norm(got), torch.tensor(1.0), atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected))
+    # at T=1 the aligned model's margins saturate the sigmoid; the direction is still a unit vector
+    module.probe_cfg.temperature = 1.0
+    assert torch.allclose(global_norm(module.unsafe_direction(pairs)), torch.tensor(1.0), atol=1e-5)
