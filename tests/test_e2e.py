@@ -23,7 +23,7 @@ def test_a_run_writes_results_config_environment_adapter_and_logs(make_cfg, micr
     assert saved["train"]["steps"] == 2
     assert yaml.safe_load((out / "config.yaml").read_text())["probe"]["eps"] == 0.2
     env = json.loads((out / "environment.json").read_text())
-    assert env["packages"]["torch"] and env["packages"]["lightning"] and len(env["git"]["commit"] or "x" * 40) == 40
+    assert env["packages"]["torch"] and env["packages"]["lightning"] and len(env["git"]["commit"]) == 40
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     metrics_csv = (out / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics_csv and "after/harmful_score" in metrics_csv and "before/refusal_margin" in metrics_csv

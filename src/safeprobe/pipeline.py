@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from safeprobe.config import (
+    PROJECT_ROOT,
     ConfigError,
     EvalRunConfig,
     TrainConfig,
@@ -92,7 +93,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(c.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    write_json(out / "environment.json", environment(Path(c.paths.root_dir)))
+    write_json(out / "environment.json", environment(PROJECT_ROOT))  # the code's commit, wherever outputs go
 
     if c.method.name == "sap":
         check_probe_layers(c.probe.layers, model_depth(c.model))
