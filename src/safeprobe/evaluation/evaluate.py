@@ -11,14 +11,9 @@ import torch
 from safeprobe.config import EvalConfig
 from safeprobe.data.datamodule import Splits
 from safeprobe.data.formatting import IGNORE, PromptFormatter, collate, encode
-from safeprobe.evaluation.judges import judge_scores
+from safeprobe.evaluation.judges import batches, judge_scores
 from safeprobe.evaluation.task_metrics import TASK_METRICS
 from safeprobe.methods.losses import sequence_logprobs
-
-
-def _batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 @torch.no_grad()
@@ -26,7 +21,7 @@ def generate(model, tokenizer, formatter: PromptFormatter, prompts: list[str], m
     """Greedy answers, batched with left padding."""
     answers = []
     device = next(model.parameters()).device
-    for chunk in _batches(prompts, batch_size):
+    for chunk in batches(prompts, batch_size):
         ids = [tokenizer(formatter(p), add_special_tokens=formatter.adds_bos)["input_ids"] for p in chunk]
         batch = collate([{"input_ids": i} for i in ids], tokenizer.pad_token_id, side="left")
         out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -43,7 +38,7 @@ def _logprobs(model, tokenizer, formatter, pairs: list[tuple[str, str]], batch_s
     device = next(model.parameters()).device
     rows = [encode(tokenizer, formatter, p, r, max_length) for p, r in pairs]
     logps, counts = torch.full((len(rows),), float("nan")), torch.zeros(len(rows), dtype=torch.long)
-    for chunk in _batches([i for i, r in enumerate(rows) if r is not None], batch_size):
+    for chunk in batches([i for i, r in enumerate(rows) if r is not None], batch_size):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], tokenizer.pad_token_id).items()}
         logps[chunk] = sequence_logprobs(model, batch).float().cpu()
         counts[chunk] = (batch["labels"][:, 1:] != IGNORE).sum(-1).cpu()

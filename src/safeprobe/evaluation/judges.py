@@ -55,7 +55,8 @@ def _device_and_dtype(device: str | None, dtype: str) -> tuple[torch.device, tor
     return dev, getattr(torch, dtype)
 
 
-def _batches(items: Sequence, size: int):
+def batches(items: Sequence, size: int):
+    """Consecutive slices of at most `size` items (evaluation and judges batch the same way)."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -76,7 +77,7 @@ def _greedy(model, tokenizer, texts: Sequence[str], max_new_tokens: int, batch_s
     """Greedy continuations of `texts`, batched with left padding, decoded without special tokens."""
     tokenizer.padding_side = "left"
     out = []
-    for chunk in _batches(texts, batch_size):
+    for chunk in batches(texts, batch_size):
         enc = tokenizer(list(chunk), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -109,7 +110,7 @@ class BeaverDamJudge:
         self.tokenizer.padding_side = "right"
         backbone = getattr(self.model, self.model.base_model_prefix)
         rows = []
-        for chunk in _batches(self.texts(prompts, answers), self.batch_size):
+        for chunk in batches(self.texts(prompts, answers), self.batch_size):
             enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
                                  max_length=self.max_length).to(self.model.device)
             hidden = backbone(**enc).last_hidden_state
