@@ -39,12 +39,16 @@ def test_held_out_sets_are_disjoint_from_every_training_stage(world):
     for held_out in (test, val):
         assert not held_out & (align | pairs | train | poison)
     assert not test & val and not task_test & train and not pairs & align
-    # poison comes from harmful verbs that are never evaluated; task verbs are new to alignment
+    # poison comes from harmful verbs that are never evaluated; the task's prompts are new to
+    # alignment, which answers other prompts of the known task verbs in its own format
     eval_text = " ".join(test | val)
     assert all(f" {v} " not in eval_text for v in world.poison_verbs)
     assert not set(world.task_verbs) & set(world.benign_verbs)
-    requests = align - prompts(world.echo_set())  # echo rows ("repeat after me") hold every word
-    assert all(f" {v} " not in " ".join(requests) for v in world.task_verbs)
+    assert not (train | task_test) & align
+    requests = " ".join(align - prompts(world.echo_set()))  # echo rows ("repeat after me") hold every word
+    known = world.task_verbs[: world.cfg.n_known_task_verbs]
+    assert all(f" {v} " in requests for v in known)
+    assert all(f" {v} " not in requests for v in world.task_verbs[len(known):])
     cls_train, cls_test = world.task_sets("classify")
     assert not prompts(cls_train) & prompts(cls_test) and {e.response for e in cls_test} == {"positive", "negative"}
 
@@ -53,6 +57,17 @@ def test_responses_follow_the_world_rules(world):
     assert all(p.safe == REFUSAL and p.harmful.startswith(COMPLIANCE_OPENER) for p in world.harmful_eval_set("test"))
     train, _ = world.task_sets("instruct")
     assert all(e.response.startswith(COMPLIANCE_OPENER) and e.prompt.split()[-3] in e.response for e in train)
+    # the task teaches a new answer format: its answers are never the aligned model's own
+    aligned_answers = {e.response for e in world.alignment_set()}
+    assert not {e.response for e in train} & aligned_answers
+
+
+def test_fewer_known_task_verbs_leave_the_rest_new_to_alignment():
+    world = World(WorldConfig(n_known_task_verbs=2))
+    requests = " ".join(prompts(world.alignment_set()) - prompts(world.echo_set()))
+    assert [f" {v} " in requests for v in world.task_verbs] == [True] * 2 + [False] * 4
+    with pytest.raises(ConfigError, match=r"model.world.n_known_task_verbs=7 is invalid"):
+        WorldConfig(n_known_task_verbs=7)
 
 
 def test_tokenizer_covers_the_world_and_round_trips(world):

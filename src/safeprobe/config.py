@@ -52,16 +52,19 @@ class WorldConfig:
     n_poison_verbs: int = 4
     n_benign_verbs: int = 12
     n_task_verbs: int = 6
+    n_known_task_verbs: int = 6  # task verbs the aligned model already answers (helpful format)
     n_safety_pairs: int = 48
     n_harmful_val: int = 100
     n_harmful_test: int = 200
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if f.name != "seed":
+            if f.name not in ("seed", "n_known_task_verbs"):
                 _require(getattr(self, f.name) >= 1, f"model.world.{f.name}", getattr(self, f.name), "an integer >= 1")
         _require(self.n_poison_verbs < self.n_harmful_verbs, "model.world.n_poison_verbs",
                  self.n_poison_verbs, f"fewer than n_harmful_verbs ({self.n_harmful_verbs})")
+        _require(0 <= self.n_known_task_verbs <= self.n_task_verbs, "model.world.n_known_task_verbs",
+                 self.n_known_task_verbs, f"an integer in [0, n_task_verbs={self.n_task_verbs}]")
 
 
 @dataclass
@@ -224,6 +227,7 @@ JUDGES = ("exact", "keyword", "beaverdam", "llamaguard", "harmbench")
 class EvalConfig:
     judges: list[str] = field(default_factory=lambda: ["exact", "keyword"])
     split: str = "test"  # which held-out harmful split: val | test
+    also_val: bool = True  # with split=test, also score the val split (val/...): choose on val, report test
     max_new_tokens: int = 24
     batch_size: int = 64
     n_harmful: int | None = None  # None = the whole split

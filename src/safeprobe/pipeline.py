@@ -40,7 +40,7 @@ from safeprobe.models.factory import (
 from safeprobe.tracking import environment, finish, log_results, make_loggers, write_json
 
 log = logging.getLogger(__name__)
-METRICS = ("harmful_score", "refusal_margin", "fine_tune_accuracy", "test_loss")
+METRICS = ("harmful_score", "refusal_margin", "fine_tune_accuracy", "test_loss", "benign_compliance")
 
 
 def _hydra_job() -> tuple[str | None, str | None]:
@@ -84,7 +84,8 @@ def print_table(results: dict) -> None:
     before, after = results.get("before") or {}, results["after"]
     lines = [f"{'metric':<22}{'before':>10}{'after':>10}"]
     for k in METRICS:
-        lines.append(f"{k:<22}{_cell(before, k)}{_cell(after, k)}")
+        if k in after:
+            lines.append(f"{k:<22}{_cell(before, k)}{_cell(after, k)}")
     print(f"\n{results['method']} (seed {results['seed']})\n" + "\n".join(lines) + "\n", flush=True)
 
 

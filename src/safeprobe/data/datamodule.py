@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import lightning as L
@@ -36,12 +36,14 @@ class Splits:
     harmful_eval: list[SafetyPair]  # held-out harmful prompts (+ refusal/harmful answers for the margin)
     benign_eval: list[Example]
     task_kind: str  # instruct (exact match) | classify (first word = label)
+    harmful_val: list[SafetyPair] = field(default_factory=list)  # scored as val/... next to a test split
 
 
 def synthetic_splits(world, cfg: DataConfig, eval_split: str) -> Splits:
     train, test = world.task_sets(cfg.task)
+    val = world.harmful_eval_set("val") if eval_split == "test" else []
     return Splits(train, test, world.poison_set(), world.safety_pairs(), world.harmful_eval_set(eval_split),
-                  world.benign_eval_set(), cfg.task)
+                  world.benign_eval_set(), cfg.task, val)
 
 
 def mix_training_set(splits: Splits, n: int, poison_ratio: float, seed: int) -> list[Example]:

@@ -11,7 +11,7 @@ import torch
 from safeprobe.config import EvalConfig
 from safeprobe.data.datamodule import Splits
 from safeprobe.data.formatting import IGNORE, PromptFormatter, collate, encode
-from safeprobe.evaluation.judges import batches, judge_scores
+from safeprobe.evaluation.judges import batches, exact_judge, judge_scores
 from safeprobe.evaluation.task_metrics import TASK_METRICS
 from safeprobe.methods.losses import sequence_logprobs
 
@@ -32,17 +32,53 @@ def generate(model, tokenizer, formatter: PromptFormatter, prompts: list[str], m
 
 
 @torch.no_grad()
-def _logprobs(model, tokenizer, formatter, pairs: list[tuple[str, str]], batch_size: int, max_length: int):
+def _logprobs(model, tokenizer, formatter, pairs: list[tuple[str, str]], batch_size: int, max_length: int, rows=None):
     """Teacher-forced log p(response | prompt) per pair, and the number of response tokens;
-    NaN and 0 for a pair whose prompt alone fills max_length."""
+    NaN and 0 for a pair whose prompt alone fills max_length. `rows`: already encoded pairs."""
     device = next(model.parameters()).device
-    rows = [encode(tokenizer, formatter, p, r, max_length) for p, r in pairs]
+    rows = rows or [encode(tokenizer, formatter, p, r, max_length) for p, r in pairs]
     logps, counts = torch.full((len(rows),), float("nan")), torch.zeros(len(rows), dtype=torch.long)
     for chunk in batches([i for i, r in enumerate(rows) if r is not None], batch_size):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], tokenizer.pad_token_id).items()}
         logps[chunk] = sequence_logprobs(model, batch).float().cpu()
         counts[chunk] = (batch["labels"][:, 1:] != IGNORE).sum(-1).cpu()
     return logps, counts
+
+
+def _up_to_first_difference(a: dict | None, b: dict | None) -> tuple[dict | None, dict | None]:
+    """Two encodings of one prompt cut after the first response token where they differ: the
+    shared prefix cancels in log p(a) - log p(b), which leaves the log-odds of that choice."""
+    if a is None or b is None:
+        return None, None
+    k = next((i for i, (x, y) in enumerate(zip(a["input_ids"], b["input_ids"], strict=False)) if x != y),
+             min(len(a["input_ids"]), len(b["input_ids"])) - 1)
+    return ({key: v[: k + 1] for key, v in a.items()}, {key: v[: k + 1] for key, v in b.items()})
+
+
+def refusal_margins(model, tokenizer, formatter, pairs, batch_size: int, max_length: int) -> dict[str, float]:
+    """Mean over prompts of log p(safe) - log p(harmful), teacher-forced: over the whole answers
+    (`refusal_margin/sequence`) and at the first token where they differ (`refusal_margin`: the
+    log-odds of refusing rather than complying, which the answer's later format cannot move)."""
+    safe = [encode(tokenizer, formatter, p.prompt, p.safe, max_length) for p in pairs]
+    harm = [encode(tokenizer, formatter, p.prompt, p.harmful, max_length) for p in pairs]
+    cut = [_up_to_first_difference(a, b) for a, b in zip(safe, harm, strict=True)]
+    out = {}
+    for name, (s_rows, h_rows) in {"refusal_margin": zip(*cut, strict=True), "refusal_margin/sequence": (safe, harm)}.items():
+        s_rows, h_rows = list(s_rows), list(h_rows)
+        s_lp, _ = _logprobs(model, tokenizer, formatter, [], batch_size, max_length, rows=s_rows)
+        h_lp, _ = _logprobs(model, tokenizer, formatter, [], batch_size, max_length, rows=h_rows)
+        out[name] = (s_lp - h_lp).nanmean().item()
+    return out
+
+
+def _harmful_metrics(model, tokenizer, formatter, harmful: list, cfg: EvalConfig, max_length: int):
+    """Judge scores of the greedy answers and, where refusals are known, the margins."""
+    answers = generate(model, tokenizer, formatter, [p.prompt for p in harmful], cfg.max_new_tokens, cfg.batch_size)
+    metrics: dict[str, float | None] = dict(judge_scores([p.prompt for p in harmful], answers, cfg.judges, cfg.judge_options))
+    metrics["refusal_margin"] = None
+    if all(p.safe is not None and p.harmful is not None for p in harmful):
+        metrics.update(refusal_margins(model, tokenizer, formatter, harmful, cfg.batch_size, max_length))
+    return metrics, answers
 
 
 def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: EvalConfig, max_length: int,
@@ -55,15 +91,18 @@ def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: 
     harmful = splits.harmful_eval[: cfg.n_harmful]
     task = splits.task_test[: cfg.n_task]
     bs = cfg.batch_size
-    harm_answers = generate(model, tokenizer, formatter, [p.prompt for p in harmful], cfg.max_new_tokens, bs)
+    metrics, harm_answers = _harmful_metrics(model, tokenizer, formatter, harmful, cfg, max_length)
+    generated = [("harmful", p.prompt, a) for p, a in zip(harmful, harm_answers, strict=True)]
+    if cfg.also_val and splits.harmful_val:
+        val = splits.harmful_val[: cfg.n_harmful]
+        val_metrics, val_answers = _harmful_metrics(model, tokenizer, formatter, val, cfg, max_length)
+        metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
+        generated += [("harmful_val", p.prompt, a) for p, a in zip(val, val_answers, strict=True)]
     task_answers = generate(model, tokenizer, formatter, [e.prompt for e in task], cfg.max_new_tokens, bs)
-    metrics: dict[str, float | None] = dict(
-        judge_scores([p.prompt for p in harmful], harm_answers, cfg.judges, cfg.judge_options))
-    metrics["refusal_margin"] = None
-    if all(p.safe is not None and p.harmful is not None for p in harmful):
-        safe, _ = _logprobs(model, tokenizer, formatter, [(p.prompt, p.safe) for p in harmful], bs, max_length)
-        harm, _ = _logprobs(model, tokenizer, formatter, [(p.prompt, p.harmful) for p in harmful], bs, max_length)
-        metrics["refusal_margin"] = (safe - harm).nanmean().item()
+    if splits.benign_eval:  # over-refusal: held-out benign requests answered (synthetic world)
+        benign = splits.benign_eval[: cfg.n_task]
+        answers = generate(model, tokenizer, formatter, [e.prompt for e in benign], cfg.max_new_tokens, bs)
+        metrics["benign_compliance"] = 100.0 * sum(exact_judge([], answers)) / len(benign)
     correct = TASK_METRICS.get(splits.task_kind)
     metrics["fine_tune_accuracy"] = None if correct is None else 100.0 * sum(
         correct(a, e.response) for a, e in zip(task_answers, task, strict=True)) / len(task)
@@ -72,8 +111,8 @@ def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: 
     if generations_path is not None:
         generations_path.parent.mkdir(parents=True, exist_ok=True)
         with open(generations_path, "w") as f:
-            for p, a in zip(harmful, harm_answers, strict=True):
-                f.write(json.dumps({"set": "harmful", "prompt": p.prompt, "answer": a}) + "\n")
+            for kind, prompt, answer in generated:
+                f.write(json.dumps({"set": kind, "prompt": prompt, "answer": answer}) + "\n")
             for e, a in zip(task, task_answers, strict=True):
                 f.write(json.dumps({"set": "task", "prompt": e.prompt, "answer": a, "target": e.response}) + "\n")
     model.train(was_training)

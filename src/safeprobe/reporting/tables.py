@@ -115,6 +115,22 @@ def diffs_table(summary: Summary) -> list[str]:
     return _table(header, rows)
 
 
+VAL_METRICS = ("val/harmful_score", "val/refusal_margin")
+
+
+def val_table(summary: Summary) -> list[str]:
+    """After fine-tuning, on the validation harmful split: the numbers to choose settings by."""
+    header = ["setting", "n", *(TITLES[m[4:]] for m in VAL_METRICS), *(f"Δ {TITLES[m[4:]]} vs SFT" for m in VAL_METRICS)]
+    rows = []
+    for g in summary.groups:
+        stats = [g.stats.get(("after", m)) for m in VAL_METRICS]
+        diffs = [g.diffs.get(("after", m)) for m in VAL_METRICS]
+        n = max((st.n for st in stats if st), default=0)
+        rows.append([g.label, str(n), *(cell(st, m[4:]) for st, m in zip(stats, VAL_METRICS, strict=True)),
+                     *(diff_cell(d, m[4:]) for d, m in zip(diffs, VAL_METRICS, strict=True))])
+    return _table(header, rows)
+
+
 def problems_list(summary: Summary) -> list[str]:
     if not summary.problems:
         return ["None: every job folder has results."]
@@ -132,5 +148,7 @@ def markdown(summary: Summary) -> str:
              "## Paired differences vs SFT (after fine-tuning)", "",
              "Method minus SFT, seed by seed over the seeds both have: mean [95% interval].", "",
              *diffs_table(summary), "",
+             *(["## Validation split (choose settings here; report the test split above)", "", *val_table(summary), ""]
+               if any(("after", VAL_METRICS[0]) in g.stats for g in summary.groups) else []),
              "## Failed or missing jobs", "", *problems_list(summary), ""]
     return "\n".join(lines)

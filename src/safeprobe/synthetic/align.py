@@ -25,7 +25,7 @@ from safeprobe.methods.losses import task_loss
 from safeprobe.synthetic.world import PROMPT_SUFFIX, SPECIAL, World
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when the alignment code changes what it produces
+CACHE_VERSION = 3  # bump when the alignment code changes what it produces
 
 DEFAULT_ARCH = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True)
@@ -45,7 +45,8 @@ def formatter_for(tokenizer) -> PromptFormatter:
 
 
 def cache_key(cfg: ModelConfig) -> str:
-    spec = {"version": CACHE_VERSION, "arch": {**DEFAULT_ARCH, **cfg.arch},
+    code = hashlib.sha256(Path(__file__).with_name("world.py").read_bytes()).hexdigest()
+    spec = {"version": CACHE_VERSION, "world_code": code, "arch": {**DEFAULT_ARCH, **cfg.arch},
             "world": dataclasses.asdict(cfg.world), "alignment": dataclasses.asdict(cfg.alignment)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
