@@ -216,3 +216,18 @@ def test_callback_reports_a_failed_multirun_and_keeps_its_exit_status(tmp_path):
     assert "| method=sap | after | 2 |" in md and "| method=sft | after | 3 |" in md
     assert "(failed): failed: RuntimeError: toy failure" in md
     assert "toy failure" in (sweep / "5" / "job_error.txt").read_text()
+
+
+def test_validation_scores_get_their_own_table_only_when_present(sweep, tmp_path):
+    write_report([sweep])
+    assert "Validation split" not in (sweep / "summary.md").read_text()
+    merged = tmp_path / "with_val"
+    for job in sorted(sweep.glob("*/results.json")):  # the same jobs, now also scored on val
+        r = json.loads(job.read_text())
+        r["after"]["val/harmful_score"] = r["after"]["harmful_score"] + 1
+        r["after"]["val/refusal_margin"] = r["after"]["refusal_margin"]
+        overrides = yaml.safe_load((job.parent / ".hydra" / "overrides.yaml").read_text())
+        write_job(merged, len(list(merged.glob("*"))) if merged.exists() else 0, overrides, r)
+    write_report([merged])
+    val = (merged / "summary.md").read_text().split("## Validation split")[1]
+    assert "| method=sap | 3 | 21.0 ± 10.0 [-3.8, 45.8] |" in val and "-30.0 [-54.8, -5.2]" in val
