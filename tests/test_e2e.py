@@ -27,7 +27,9 @@ def test_a_run_writes_results_config_environment_adapter_and_logs(make_cfg, micr
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     metrics_csv = (out / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics_csv and "after/harmful_score" in metrics_csv and "before/refusal_margin" in metrics_csv
-    assert len((out / "generations.jsonl").read_text().splitlines()) == 16  # 8 harmful + 8 task prompts
+    sets = [json.loads(line)["set"] for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [sets.count(s) for s in ("harmful", "harmful_val", "task")] == [8, 8, 8]  # test, val, task prompts
+    assert saved["after"]["val/harmful_score"] is not None and "refusal_margin/sequence" in saved["after"]
     assert list((out / "wandb").glob("offline-run-*")), "W&B should log offline when not logged in"
 
 

@@ -231,3 +231,18 @@ def test_validation_scores_get_their_own_table_only_when_present(sweep, tmp_path
     write_report([merged])
     val = (merged / "summary.md").read_text().split("## Validation split")[1]
     assert "| method=sap | 3 | 21.0 ± 10.0 [-3.8, 45.8] |" in val and "-30.0 [-54.8, -5.2]" in val
+
+
+def test_a_named_reference_pairs_ablations_swept_apart_from_their_sft_runs(sweep, tmp_path, capsys):
+    ablation = tmp_path / "ablation"
+    for seed in range(3):
+        write_job(ablation, seed, ["method=sap", "probe.eps=0.5", f"seed={seed}"], results("sap", seed, HS["sft", seed] - 5))
+    label = "method=sap, probe.eps=0.5"
+    assert by_label(aggregate([sweep, ablation]))[label].reference is None  # no SFT run with probe.eps=0.5
+    sft = "data.n_train=32, method=sft"
+    groups = by_label(aggregate([sweep, ablation], reference=sft))
+    assert groups[label].reference.label == sft
+    assert groups[label].diffs["after", "harmful_score"].mean == pytest.approx(-5.0)
+    assert groups["data.n_train=32, method=sap"].diffs["after", "harmful_score"].mean == pytest.approx(-30.0)  # own twin
+    assert cli([str(sweep), str(ablation), "--no-wandb", "--out", str(tmp_path / "r"), "--reference", "method=sfx"]) == 2
+    assert f"'method=sfx' is not a group; groups: {sft};" in capsys.readouterr().err

@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m safeprobe.reporting", description=__doc__.split("\n")[0])
     p.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun folder(s), e.g. multirun/2025-01-01/12-00-00-000000")
     p.add_argument("--out", type=Path, default=None, help="where to write the report (default: the first sweep folder)")
+    p.add_argument("--reference", default=None,
+                   help="label of the group (as in summary.md, e.g. 'data=synthetic_instruct, method=sft') that groups "
+                        "without an SFT run of their own are compared with")
     p.add_argument("--no-wandb", action="store_true", help="skip the W&B summary run")
     p.add_argument("--project", default="safeprobe", help="W&B project (default: safeprobe)")
     p.add_argument("--entity", default=None, help="W&B entity")
@@ -44,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_wandb:
         group = args.group or sweep_group(args.sweep_dirs[0].absolute())
         target = WandbTarget(group=group, project=args.project, entity=args.entity)
-    _, written = write_report(args.sweep_dirs, args.out, target)
+    try:
+        _, written = write_report(args.sweep_dirs, args.out, target, args.reference)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print((args.out or args.sweep_dirs[0]).joinpath("summary.md").read_text(), flush=True)
     print("written: " + ", ".join(map(str, written)), file=sys.stderr)
     return 0

@@ -79,15 +79,22 @@ def _label(groups: list[Group]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return common, tuple(varying)
 
 
-def _link_references(groups: list[Group]) -> None:
-    """Point each non-SFT group at the SFT group with the same settings apart from `method`."""
+def _link_references(groups: list[Group], fallback: str | None = None) -> None:
+    """Point each non-SFT group at the SFT group with the same settings apart from `method`;
+    groups without one (e.g. an ablation swept apart from its SFT runs) at the group labelled
+    `fallback`, when given."""
     def context(g: Group) -> tuple[str, ...]:
         return tuple(s for s in g.settings if override_key(s) != "method")
 
     sft = {context(g): g for g in groups if g.method == REFERENCE}
+    default = None
+    if fallback is not None:
+        default = next((g for g in groups if g.label == fallback), None)
+        if default is None:
+            raise ValueError(f"reference {fallback!r} is not a group; groups: " + "; ".join(g.label for g in groups))
     for g in groups:
         if g.method != REFERENCE:
-            g.reference = sft.get(context(g))
+            g.reference = sft.get(context(g)) or default
 
 
 def _ordered(found: set[str]) -> list[str]:
@@ -109,13 +116,14 @@ def _summarize(group: Group) -> None:
                 group.diffs[stage, metric] = summarize(paired)
 
 
-def aggregate(sweep_dirs: list[Path | str]) -> Summary:
-    """Read every job under the sweep folders and summarize each group's metrics."""
+def aggregate(sweep_dirs: list[Path | str], reference: str | None = None) -> Summary:
+    """Read every job under the sweep folders and summarize each group's metrics
+    (`reference`: the label of the group to compare groups without an SFT twin with)."""
     dirs = [Path(d) for d in sweep_dirs]
     jobs = collect(dirs)
     groups = _group_jobs(jobs)
     common, varying = _label(groups)
-    _link_references(groups)
+    _link_references(groups, reference)
     for g in groups:
         _summarize(g)
     return Summary(dirs, jobs, groups, common, varying)

@@ -14,12 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def write_report(sweep_dirs: list[Path | str], out_dir: Path | str | None = None,
-                 wandb: WandbTarget | None = None) -> tuple[Summary, list[Path]]:
+                 wandb: WandbTarget | None = None, reference: str | None = None) -> tuple[Summary, list[Path]]:
     """summary.csv, jobs.csv, summary.md, summary.png into out_dir (default: the first sweep folder).
 
-    `wandb=None` skips W&B. Returns the summary and the files written.
+    `wandb=None` skips W&B; `reference`: see aggregate(). Returns the summary and the files written.
     """
-    summary = aggregate(sweep_dirs)
+    summary = aggregate(sweep_dirs, reference)
     out = Path(out_dir or sweep_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "summary.csv", out / "jobs.csv", out / "summary.md"]
