@@ -152,3 +152,26 @@ def test_unsafe_direction_is_the_unit_gradient_of_the_contrastive_loss(make_cfg)
     # at T=1 the aligned model's margins saturate the sigmoid; the direction is still a unit vector
     module.probe_cfg.temperature = 1.0
     assert torch.allclose(global_norm(module.unsafe_direction(pairs)), torch.tensor(1.0), atol=1e-5)
+
+
+def test_decision_contrast_keeps_each_pair_up_to_its_first_differing_answer_token(make_cfg):
+    from safeprobe.data.formatting import IGNORE
+    from safeprobe.methods.losses import sequence_logprobs
+    from safeprobe.methods.sap import up_to_first_difference
+
+    _, module, dm = setup(make_cfg, "probe.contrast=decision")
+    pairs = first_batch(dm)["safety"]
+    cut = up_to_first_difference(pairs)
+    safe_ids, harm_ids = pairs["input_ids"].chunk(2)
+    for i in range(safe_ids.shape[0]):
+        k = int((safe_ids[i] != harm_ids[i]).nonzero()[0])  # "sorry" vs "sure": the first answer token
+        for row in (i, i + safe_ids.shape[0]):
+            kept = (cut["labels"][row] != IGNORE).nonzero().flatten().tolist()
+            assert kept == [k]
+    # the margin is then the log-odds of that one token, and the direction is still a unit vector
+    logp = sequence_logprobs(module.model, cut)
+    logits = module.model(input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"]).logits.log_softmax(-1)
+    k0 = int((safe_ids[0] != harm_ids[0]).nonzero()[0])
+    assert torch.allclose(logp[0], logits[0, k0 - 1, safe_ids[0, k0]], atol=1e-5)
+    from safeprobe.methods.sap import global_norm
+    assert torch.allclose(global_norm(module.unsafe_direction(pairs)), torch.tensor(1.0), atol=1e-5)

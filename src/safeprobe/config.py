@@ -138,6 +138,7 @@ class ProbeConfig:
     norm: str = "linf"  # linf (sign step) | l2
     mode: str = "clean"  # clean | faithful (the reference code's stateful, stale Adam probe)
     temperature: float = 1.0
+    contrast: str = "sequence"  # sequence: whole answers (the paper) | decision: up to the first differing token
 
     def __post_init__(self):
         _require(self.eps >= 0, "probe.eps", self.eps, "a number >= 0")
@@ -150,6 +151,7 @@ class ProbeConfig:
         _one_of("probe.norm", self.norm, ("linf", "l2"))
         _one_of("probe.mode", self.mode, ("clean", "faithful"))
         _require(self.temperature > 0, "probe.temperature", self.temperature, "a number > 0")
+        _one_of("probe.contrast", self.contrast, ("sequence", "decision"))
 
 
 @dataclass

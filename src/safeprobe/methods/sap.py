@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from safeprobe.config import OptimConfig, ProbeConfig
+from safeprobe.data.formatting import IGNORE
 from safeprobe.methods.base import FineTuneModule
 from safeprobe.methods.losses import sequence_logprobs, task_loss
 from safeprobe.methods.probe import Probe, ascend
@@ -30,6 +31,18 @@ from safeprobe.methods.probe import Probe, ascend
 
 def global_norm(tensors) -> torch.Tensor:
     return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
+
+
+def up_to_first_difference(pairs: dict) -> dict:
+    """A pair batch (B safe rows, then B harmful rows) whose labels stop at the first answer
+    token where the two answers of a pair differ: the margin becomes the log-odds of that one
+    choice (refuse or comply), the shared prefix cancelling out."""
+    safe_ids, harm_ids = pairs["input_ids"].chunk(2)
+    differs = (safe_ids != harm_ids).long()
+    first = torch.where(differs.any(-1), differs.argmax(-1), safe_ids.shape[1] - 1)
+    keep = torch.arange(safe_ids.shape[1], device=first.device)[None, :] <= first[:, None]
+    labels = pairs["labels"].masked_fill(~keep.repeat(2, 1), IGNORE)
+    return {**pairs, "labels": labels}
 
 
 class SAPModule(FineTuneModule):
@@ -64,6 +77,8 @@ class SAPModule(FineTuneModule):
         weights, so they are divided by their largest value first: the same unit vector,
         computed without underflow."""
         params = self.trainable_parameters()
+        if self.probe_cfg.contrast == "decision":
+            pairs = up_to_first_difference(pairs)
         logp = sequence_logprobs(self.model, pairs)
         safe, harm = logp.chunk(2)
         margin = (safe - harm) / self.probe_cfg.temperature
