@@ -1,6 +1,6 @@
 """Does fine-tuning move the weights along SAP's unsafe direction? A check of SAP's premise.
 
-    python benchmarks/sap_direction.py multirun/evidence/main/*synthetic_instruct*
+    python benchmarks/sap_direction.py [--temperature T] multirun/evidence/main/*synthetic_instruct*
 
 For each finished job folder (LoRA runs in the synthetic world): rebuild the adapter's
 initial weights theta_0 exactly as the run did (same seed), read its final weights theta_1,
@@ -55,8 +55,10 @@ def split_half(c, model, rows, pad, temperature: float) -> float:
     return cosine(sap.unsafe_direction(collate_pairs(rows[:half], pad)), sap.unsafe_direction(collate_pairs(rows[half:], pad)))
 
 
-def job_figures(job: Path) -> dict:
+def job_figures(job: Path, temperature: float | None = None) -> dict:
     c, model, rows, pad = setup(job)
+    if temperature is not None:
+        c.probe = dataclasses.replace(c.probe, temperature=temperature)
     sap = SAPModule(model, c.optim, c.probe)
     params = sap.trainable_parameters()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -70,12 +72,12 @@ def job_figures(job: Path) -> dict:
             "1/sqrt(d)": 1 / math.sqrt(d), "|delta|/|theta_0|": float(global_norm(delta) / global_norm(theta_0))}
 
 
-def main(jobs: list[str]) -> None:
+def main(jobs: list[str], temperature: float | None = None) -> None:
     torch.set_num_threads(1)
     print("| job | cos(theta_1 - theta_0, g_hat) | cos(g_hat halves) | 1/sqrt(d) | ‖Δ‖/‖θ_0‖ |\n|---|---|---|---|---|")
     done = [job for job in map(Path, jobs) if (job / "results.json").exists() and (job / "adapter").exists()]
     for job in done:
-        f = job_figures(job)
+        f = job_figures(job, temperature)
         print(f"| {job.name} | {f['cos(step, g_hat)']:+.4f} | {f['cos(g_hat halves)']:+.3f} | {f['1/sqrt(d)']:.4f} | {f['|delta|/|theta_0|']:.3f} |")
     if done:
         setting = setup(done[0])
@@ -85,6 +87,10 @@ def main(jobs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    t = None
+    if args[:1] == ["--temperature"]:  # g_hat at another temperature than the runs used
+        t, args = float(args[1]), args[2:]
+    if not args:
         sys.exit(__doc__)
-    main(sys.argv[1:])
+    main(args, t)

@@ -23,12 +23,20 @@ run_part() {
     layers_early) part layers_early method=sap 'probe.layers=[0,1]' ;;         # [2,3] (default) is in main
     layers_late)  part layers_late method=sap 'probe.layers=[4,5]' ;;
     faithful)     part faithful method=sap probe.mode=faithful ;;
+    temperature)  part temperature method=sap probe.temperature=10,100 ;;     # 1 (default) is in main
+    contrast)     part contrast method=sap probe.contrast=decision ;;         # sequence (default) is in main
     report)       python -m safeprobe.reporting --no-wandb "$OUT/main" "$OUT/eps" "$OUT/harmful_step" \
-                    "$OUT/layers_early" "$OUT/layers_late" "$OUT/faithful" --out "$OUT/all" ;;
-    *) echo "unknown part '$1'; allowed: main eps harmful_step layers_early layers_late faithful report" >&2; exit 2 ;;
+                    "$OUT/layers_early" "$OUT/layers_late" "$OUT/faithful" "$OUT/temperature" "$OUT/contrast" \
+                    --reference "data=synthetic_instruct, method=sft" --out "$OUT/all"
+                  python benchmarks/settings_plot.py "$OUT/all/summary.csv" "$OUT/all/settings.png" \
+                    --reference "data=synthetic_instruct, method=sft" --skip synthetic_classify synthetic_poison ;;
+    *) echo "unknown part '$1'; allowed: main eps harmful_step layers_early layers_late faithful temperature contrast report" >&2; exit 2 ;;
   esac
 }
 
-parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(main eps harmful_step layers_early layers_late faithful report)
-for p in "${parts[@]}"; do run_part "$p"; done
+main() {
+  local parts=("$@")
+  [ ${#parts[@]} -eq 0 ] && parts=(main eps harmful_step layers_early layers_late faithful temperature contrast report)
+  for p in "${parts[@]}"; do run_part "$p"; done
+}
+main "$@"; exit  # parsed whole before it runs: editing this file during a sweep cannot change the sweep

@@ -45,8 +45,12 @@ def formatter_for(tokenizer) -> PromptFormatter:
 
 
 def cache_key(cfg: ModelConfig) -> str:
-    code = hashlib.sha256(Path(__file__).with_name("world.py").read_bytes()).hexdigest()
-    spec = {"version": CACHE_VERSION, "world_code": code, "arch": {**DEFAULT_ARCH, **cfg.arch},
+    """Hash of all the aligned model depends on: architecture, alignment settings, and the
+    alignment data and vocabulary themselves (so a change of the world's rules re-aligns,
+    and a comment in world.py does not)."""
+    world = World(cfg.world)
+    data = hashlib.sha256(json.dumps([world.vocab, [(e.prompt, e.response) for e in world.alignment_set()]]).encode())
+    spec = {"version": CACHE_VERSION, "data": data.hexdigest(), "arch": {**DEFAULT_ARCH, **cfg.arch},
             "world": dataclasses.asdict(cfg.world), "alignment": dataclasses.asdict(cfg.alignment)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -167,7 +167,7 @@ class World:
     def echo_set(self) -> list[Example]:
         """"repeat after me : w1 w2 w3" -> "w1 w2 w3" over every content word: the stand-in
         for pretraining. A chat model knows every word before alignment; without this the
-        tiny model could not even say the task's new verbs, and fine-tuning would teach
+        tiny model could not even say the task format's new words, and fine-tuning would teach
         vocabulary instead of behaviour."""
         rng = random.Random(self.cfg.seed + 1)
         words = [w for w in self.vocab if w not in SPECIAL.values() and w.isalpha()]
