@@ -25,18 +25,19 @@ run_part() {
     faithful)     part faithful method=sap probe.mode=faithful ;;
     temperature)  part temperature method=sap probe.temperature=10,100 ;;     # 1 (default) is in main
     contrast)     part contrast method=sap probe.contrast=decision ;;         # sequence (default) is in main
+    sft_400)      part sft_400 data=synthetic_instruct method=sft trainer.max_steps=400 ;;  # calibration: twice the budget
     report)       python -m safeprobe.reporting --no-wandb "$OUT/main" "$OUT/eps" "$OUT/harmful_step" \
                     "$OUT/layers_early" "$OUT/layers_late" "$OUT/faithful" "$OUT/temperature" "$OUT/contrast" \
                     --reference "data=synthetic_instruct, method=sft" --out "$OUT/all"
                   python benchmarks/settings_plot.py "$OUT/all/summary.csv" "$OUT/all/settings.png" \
                     --reference "data=synthetic_instruct, method=sft" --skip synthetic_classify synthetic_poison ;;
-    *) echo "unknown part '$1'; allowed: main eps harmful_step layers_early layers_late faithful temperature contrast report" >&2; exit 2 ;;
+    *) echo "unknown part '$1'; allowed: main eps harmful_step layers_early layers_late faithful temperature contrast sft_400 report" >&2; exit 2 ;;
   esac
 }
 
 main() {
   local parts=("$@")
-  [ ${#parts[@]} -eq 0 ] && parts=(main eps harmful_step layers_early layers_late faithful temperature contrast report)
+  [ ${#parts[@]} -eq 0 ] && parts=(main eps harmful_step layers_early layers_late faithful temperature contrast sft_400 report)
   for p in "${parts[@]}"; do run_part "$p"; done
 }
 main "$@"; exit  # parsed whole before it runs: editing this file during a sweep cannot change the sweep
