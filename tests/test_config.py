@@ -42,6 +42,9 @@ BAD = {
     "poison ratio": (["data.poison_ratio=1.5"], "data.poison_ratio=1.5 is invalid; allowed: a number in [0, 1]"),
     "unknown method": (["method=dpo"], "method=dpo is not a known option; allowed: sap, sft"),
     "unknown method in a sweep": (["-m", "method=sft,dpo"], "method=dpo is not a known option; allowed: sap, sft"),
+    "unquoted sweep folder": (["paths.output_dir=multirun/x/0_method=sap,seed=0"],
+                              "cannot read 'paths.output_dir=multirun/x/0_method=sap,seed=0'; quote a value that holds "
+                              "'=', ',' or spaces (a sweep job's folder does), e.g. \"paths.output_dir='multirun/x/0_method=sap,seed=0'\""),
 }
 
 

@@ -155,9 +155,8 @@ def test_unsafe_direction_is_the_unit_gradient_of_the_contrastive_loss(make_cfg)
 
 
 def test_decision_contrast_keeps_each_pair_up_to_its_first_differing_answer_token(make_cfg):
-    from safeprobe.data.formatting import IGNORE
+    from safeprobe.data.formatting import IGNORE, up_to_first_difference
     from safeprobe.methods.losses import sequence_logprobs
-    from safeprobe.methods.sap import up_to_first_difference
 
     _, module, dm = setup(make_cfg, "probe.contrast=decision")
     pairs = first_batch(dm)["safety"]

@@ -386,6 +386,16 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _parses(parser, arg: str) -> bool:
+    from hydra.errors import OverrideParseException
+
+    try:
+        parser.parse_overrides([arg])
+        return True
+    except OverrideParseException:
+        return False
+
+
 def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
     """Reject a misspelled key or an unknown group option on the command line, before Hydra.
 
@@ -393,8 +403,16 @@ def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
     are left to Hydra, as are values (checked by `validate` once the config is composed).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
-    overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    given = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(given)
+    except OverrideParseException:
+        bad = next(a for a in given if not _parses(OverridesParser.create(), a))
+        key = bad.split("=", 1)[0]
+        raise ConfigError(f"cannot read {bad!r}; quote a value that holds '=', ',' or spaces (a sweep job's folder does), "
+                          f"e.g. \"{key}='{bad.split('=', 1)[1]}'\"") from None
     for o in overrides:
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or key.split(".")[0].split("/")[0] == "hydra":

@@ -145,3 +145,15 @@ def encode_pairs(tokenizer, formatter, pairs, max_length: int) -> list[dict]:
 def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """One batch of 2B sequences: the B safe answers first, then the B harmful answers."""
     return collate([r["safe"] for r in rows] + [r["harmful"] for r in rows], pad_id)
+
+
+def up_to_first_difference(pairs: dict) -> dict:
+    """A pair batch (B safe rows, then B harmful rows) whose labels stop at the first answer
+    token where the two answers of a pair differ: the margin becomes the log-odds of that one
+    choice (refuse or comply), the shared prefix cancelling out."""
+    safe_ids, harm_ids = pairs["input_ids"].chunk(2)
+    differs = (safe_ids != harm_ids).long()
+    first = torch.where(differs.any(-1), differs.argmax(-1), safe_ids.shape[1] - 1)
+    keep = torch.arange(safe_ids.shape[1], device=first.device)[None, :] <= first[:, None]
+    labels = pairs["labels"].masked_fill(~keep.repeat(2, 1), IGNORE)
+    return {**pairs, "labels": labels}

@@ -10,7 +10,15 @@ import torch
 
 from safeprobe.config import EvalConfig
 from safeprobe.data.datamodule import Splits
-from safeprobe.data.formatting import IGNORE, PromptFormatter, collate, encode
+from safeprobe.data.formatting import (
+    IGNORE,
+    PromptFormatter,
+    collate,
+    collate_pairs,
+    encode,
+    encode_pairs,
+    up_to_first_difference,
+)
 from safeprobe.evaluation.judges import batches, exact_judge, judge_scores
 from safeprobe.evaluation.task_metrics import TASK_METRICS
 from safeprobe.methods.losses import sequence_logprobs
@@ -32,11 +40,11 @@ def generate(model, tokenizer, formatter: PromptFormatter, prompts: list[str], m
 
 
 @torch.no_grad()
-def _logprobs(model, tokenizer, formatter, pairs: list[tuple[str, str]], batch_size: int, max_length: int, rows=None):
+def _logprobs(model, tokenizer, formatter, pairs: list[tuple[str, str]], batch_size: int, max_length: int):
     """Teacher-forced log p(response | prompt) per pair, and the number of response tokens;
-    NaN and 0 for a pair whose prompt alone fills max_length. `rows`: already encoded pairs."""
+    NaN and 0 for a pair whose prompt alone fills max_length."""
     device = next(model.parameters()).device
-    rows = rows or [encode(tokenizer, formatter, p, r, max_length) for p, r in pairs]
+    rows = [encode(tokenizer, formatter, p, r, max_length) for p, r in pairs]
     logps, counts = torch.full((len(rows),), float("nan")), torch.zeros(len(rows), dtype=torch.long)
     for chunk in batches([i for i, r in enumerate(rows) if r is not None], batch_size):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], tokenizer.pad_token_id).items()}
@@ -45,30 +53,20 @@ def _logprobs(model, tokenizer, formatter, pairs: list[tuple[str, str]], batch_s
     return logps, counts
 
 
-def _up_to_first_difference(a: dict | None, b: dict | None) -> tuple[dict | None, dict | None]:
-    """Two encodings of one prompt cut after the first response token where they differ: the
-    shared prefix cancels in log p(a) - log p(b), which leaves the log-odds of that choice."""
-    if a is None or b is None:
-        return None, None
-    k = next((i for i, (x, y) in enumerate(zip(a["input_ids"], b["input_ids"], strict=False)) if x != y),
-             min(len(a["input_ids"]), len(b["input_ids"])) - 1)
-    return ({key: v[: k + 1] for key, v in a.items()}, {key: v[: k + 1] for key, v in b.items()})
-
-
+@torch.no_grad()
 def refusal_margins(model, tokenizer, formatter, pairs, batch_size: int, max_length: int) -> dict[str, float]:
     """Mean over prompts of log p(safe) - log p(harmful), teacher-forced: over the whole answers
     (`refusal_margin/sequence`) and at the first token where they differ (`refusal_margin`: the
-    log-odds of refusing rather than complying, which the answer's later format cannot move)."""
-    safe = [encode(tokenizer, formatter, p.prompt, p.safe, max_length) for p in pairs]
-    harm = [encode(tokenizer, formatter, p.prompt, p.harmful, max_length) for p in pairs]
-    cut = [_up_to_first_difference(a, b) for a, b in zip(safe, harm, strict=True)]
-    out = {}
-    for name, (s_rows, h_rows) in {"refusal_margin": zip(*cut, strict=True), "refusal_margin/sequence": (safe, harm)}.items():
-        s_rows, h_rows = list(s_rows), list(h_rows)
-        s_lp, _ = _logprobs(model, tokenizer, formatter, [], batch_size, max_length, rows=s_rows)
-        h_lp, _ = _logprobs(model, tokenizer, formatter, [], batch_size, max_length, rows=h_rows)
-        out[name] = (s_lp - h_lp).nanmean().item()
-    return out
+    log-odds of refusing rather than complying, which the answer's later format cannot move).
+    Pairs whose prompt leaves no room for an answer are left out."""
+    device = next(model.parameters()).device
+    margins = {"refusal_margin": [], "refusal_margin/sequence": []}
+    for chunk in batches(encode_pairs(tokenizer, formatter, pairs, max_length), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
+        for name, b in (("refusal_margin", up_to_first_difference(batch)), ("refusal_margin/sequence", batch)):
+            safe, harm = sequence_logprobs(model, b).float().cpu().chunk(2)
+            margins[name].append(safe - harm)
+    return {name: torch.cat(m).mean().item() if m else float("nan") for name, m in margins.items()}
 
 
 def _harmful_metrics(model, tokenizer, formatter, harmful: list, cfg: EvalConfig, max_length: int):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from safeprobe.config import OptimConfig, ProbeConfig
-from safeprobe.data.formatting import IGNORE
+from safeprobe.data.formatting import up_to_first_difference
 from safeprobe.methods.base import FineTuneModule
 from safeprobe.methods.losses import sequence_logprobs, task_loss
 from safeprobe.methods.probe import Probe, ascend
@@ -31,18 +31,6 @@ from safeprobe.methods.probe import Probe, ascend
 
 def global_norm(tensors) -> torch.Tensor:
     return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
-
-
-def up_to_first_difference(pairs: dict) -> dict:
-    """A pair batch (B safe rows, then B harmful rows) whose labels stop at the first answer
-    token where the two answers of a pair differ: the margin becomes the log-odds of that one
-    choice (refuse or comply), the shared prefix cancelling out."""
-    safe_ids, harm_ids = pairs["input_ids"].chunk(2)
-    differs = (safe_ids != harm_ids).long()
-    first = torch.where(differs.any(-1), differs.argmax(-1), safe_ids.shape[1] - 1)
-    keep = torch.arange(safe_ids.shape[1], device=first.device)[None, :] <= first[:, None]
-    labels = pairs["labels"].masked_fill(~keep.repeat(2, 1), IGNORE)
-    return {**pairs, "labels": labels}
 
 
 class SAPModule(FineTuneModule):
