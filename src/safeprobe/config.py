@@ -386,16 +386,6 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _parses(parser, arg: str) -> bool:
-    from hydra.errors import OverrideParseException
-
-    try:
-        parser.parse_overrides([arg])
-        return True
-    except OverrideParseException:
-        return False
-
-
 def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
     """Reject a misspelled key or an unknown group option on the command line, before Hydra.
 
@@ -405,14 +395,14 @@ def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    given = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(given)
-    except OverrideParseException:
-        bad = next(a for a in given if not _parses(OverridesParser.create(), a))
-        key = bad.split("=", 1)[0]
-        raise ConfigError(f"cannot read {bad!r}; quote a value that holds '=', ',' or spaces (a sweep job's folder does), "
-                          f"e.g. \"{key}='{bad.split('=', 1)[1]}'\"") from None
+    parser, overrides = OverridesParser.create(), []
+    for arg in (a for a in args if "=" in a and not a.startswith("-")):
+        try:
+            overrides += parser.parse_overrides([arg])
+        except OverrideParseException:
+            key, value = arg.split("=", 1)
+            raise ConfigError(f"cannot read {arg!r}; quote a value that holds '=', ',' or spaces (a sweep job's folder "
+                              f"does), e.g. \"{key}='{value}'\"") from None
     for o in overrides:
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or key.split(".")[0].split("/")[0] == "hydra":
