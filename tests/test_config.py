@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from safeprobe.config import CONF_DIR, ConfigError, check_cli_overrides, validate
+from safeprobe.methods import METHODS
 from safeprobe.pipeline import run
 from tests.conftest import run_script
 
@@ -15,7 +16,7 @@ SYNTHETIC_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("synthetic")]
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(make_cfg, experiment):
     c = validate(make_cfg(f"experiment={experiment}", fast=False))
-    assert c.method.name in ("sft", "sap")
+    assert c.method.name in METHODS
 
 
 @pytest.mark.parametrize("method", ["sft", "sap"])
@@ -40,8 +41,14 @@ BAD = {
     "layer beyond depth": (["model=synthetic_micro", "probe.layers=[2,4]"],
                            "probe.layers=[2, 4] is invalid; allowed: decoder-layer indices in [0, 3] (the model has 4 layers)"),
     "poison ratio": (["data.poison_ratio=1.5"], "data.poison_ratio=1.5 is invalid; allowed: a number in [0, 1]"),
-    "unknown method": (["method=dpo"], "method=dpo is not a known option; allowed: sap, sft"),
-    "unknown method in a sweep": (["-m", "method=sft,dpo"], "method=dpo is not a known option; allowed: sap, sft"),
+    "unknown method": (["method=dpo"], f"method=dpo is not a known option; allowed: {', '.join(sorted(METHODS))}"),
+    "unknown method in a sweep": (["-m", "method=sft,dpo"], "method=dpo is not a known option; allowed: csft, ldifs"),
+    "method key of the default method": (["method.rhoo=1"], "unknown key 'method.rhoo' for method=sap; allowed keys under 'method': name"),
+    "method key of another method": (["method=sft", "method.rho=1"], "unknown key 'method.rho' for method=sft; allowed keys under 'method': name"),
+    "misspelled method key": (["method=lisa", "method.rhoo=1"], "unknown key 'method.rhoo' for method=lisa; allowed keys under 'method': name, align_steps"),
+    "method key in a sweep over methods": (["-m", "method=lisa,ldifs", "method.rho=2"],
+                                           "a sweep over methods composes the default method first, which lacks 'method.rho'; write it as '++method.rho=2'"),
+    "bad method value": (["method=lisa", "method.rho=-1"], "method.rho=-1.0 is invalid; allowed: a number >= 0"),
     "unquoted sweep folder": (["paths.output_dir=multirun/x/0_method=sap,seed=0"],
                               "cannot read 'paths.output_dir=multirun/x/0_method=sap,seed=0'; quote a value that holds "
                               "'=', ',' or spaces (a sweep job's folder does), e.g. \"paths.output_dir='multirun/x/0_method=sap,seed=0'\""),

@@ -20,7 +20,7 @@ from safeprobe.config import CONF_DIR
 from safeprobe.reporting import aggregate, write_report
 from safeprobe.reporting.__main__ import main as cli
 from safeprobe.reporting.callback import SweepReport
-from safeprobe.reporting.stats import summarize, t975, t_table
+from safeprobe.reporting.stats import summarize, t975
 
 # harmful score after fine-tuning per (method, seed); everything else derives from it
 HS = {("sft", 0): 40.0, ("sft", 1): 50.0, ("sft", 2): 60.0,
@@ -66,17 +66,21 @@ def by_label(summary) -> dict:
     return {g.label: g for g in summary.groups}
 
 
-def test_t_quantile_table_matches_scipy():
-    pytest.importorskip("scipy")
-    for df in [*range(1, 40), 50, 80, 120, 500, 10_000]:
-        assert t_table(df) == pytest.approx(t975(df), abs=2e-4)
+def test_t_quantile_matches_published_values():
+    # two-sided 95% critical values of Student's t (standard tables), and the normal limit
+    for df, q in [(1, 12.706205), (2, 4.302653), (4, 2.776445), (10, 2.228139), (30, 2.042272)]:
+        assert t975(df) == pytest.approx(q, abs=1e-6)
+    assert t975(10**9) == pytest.approx(1.959964, abs=1e-6)
+    with pytest.raises(ValueError, match="degree of freedom"):
+        t975(0)
 
 
 def test_statistics_match_hand_computed():
     st = summarize([10, 20, 30])
-    half = 4.302653 * 10 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n)
+    half = 4.302653 * 10 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n) = 24.8414
     assert (st.n, st.mean, st.std) == (3, 20.0, pytest.approx(10.0))
-    assert (st.low, st.high) == (pytest.approx(20 - half, abs=1e-4), pytest.approx(20 + half, abs=1e-4))
+    assert (st.low, st.high) == (pytest.approx(20 - half, abs=1e-5), pytest.approx(20 + half, abs=1e-5))
+    assert (st.low, st.high) == (pytest.approx(-4.8414, abs=1e-4), pytest.approx(44.8414, abs=1e-4))
     one = summarize([5.0])
     assert one.n == 1 and one.mean == 5.0 and math.isnan(one.std) and math.isnan(one.low)
     assert summarize([]).n == 0

@@ -1,4 +1,5 @@
-"""Fine-tune accuracy of the real tasks (BENCHMARKS.md 3B) on hand-written model outputs."""
+"""Fine-tune accuracy of the real tasks (the harmful-fine-tuning protocol, docs/real_models.md)
+on hand-written model outputs."""
 
 from __future__ import annotations
 

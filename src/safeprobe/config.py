@@ -10,6 +10,7 @@ unknown option span several lines and do not list what is allowed).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,13 @@ class ConfigError(ValueError):
     """A configuration mistake; its message is one line meant for the user."""
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
-def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
-    _require(value in options, key, value, ", ".join(options))
+def one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
+    require(value in options, key, value, ", ".join(options))
 
 
 # --------------------------------------------------------------------------- groups
@@ -60,10 +61,10 @@ class WorldConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             if f.name not in ("seed", "n_known_task_verbs"):
-                _require(getattr(self, f.name) >= 1, f"model.world.{f.name}", getattr(self, f.name), "an integer >= 1")
-        _require(self.n_poison_verbs < self.n_harmful_verbs, "model.world.n_poison_verbs",
+                require(getattr(self, f.name) >= 1, f"model.world.{f.name}", getattr(self, f.name), "an integer >= 1")
+        require(self.n_poison_verbs < self.n_harmful_verbs, "model.world.n_poison_verbs",
                  self.n_poison_verbs, f"fewer than n_harmful_verbs ({self.n_harmful_verbs})")
-        _require(0 <= self.n_known_task_verbs <= self.n_task_verbs, "model.world.n_known_task_verbs",
+        require(0 <= self.n_known_task_verbs <= self.n_task_verbs, "model.world.n_known_task_verbs",
                  self.n_known_task_verbs, f"an integer in [0, n_task_verbs={self.n_task_verbs}]")
 
 
@@ -77,8 +78,8 @@ class AlignmentConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _require(self.steps >= 1, "model.alignment.steps", self.steps, "an integer >= 1")
-        _require(self.lr > 0, "model.alignment.lr", self.lr, "a number > 0")
+        require(self.steps >= 1, "model.alignment.steps", self.steps, "an integer >= 1")
+        require(self.lr > 0, "model.alignment.lr", self.lr, "a number > 0")
 
 
 @dataclass
@@ -94,10 +95,10 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        _one_of("model.kind", self.kind, ("synthetic", "pretrained"))
-        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        one_of("model.kind", self.kind, ("synthetic", "pretrained"))
+        one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.kind == "pretrained":
-            _require(bool(self.name_or_path), "model.name_or_path", self.name_or_path,
+            require(bool(self.name_or_path), "model.name_or_path", self.name_or_path,
                      "a Hugging Face model id or a local folder")
 
 
@@ -110,25 +111,14 @@ class AdapterConfig:
     target_modules: Any = "all-linear"  # a list of module names, or "all-linear"
 
     def __post_init__(self):
-        _one_of("adapter.kind", self.kind, ("lora", "full"))
-        _require(self.r >= 1, "adapter.r", self.r, "an integer >= 1")
-        _require(0 <= self.dropout < 1, "adapter.dropout", self.dropout, "a number in [0, 1)")
-
-
-METHODS = ("sft", "sap")
-
-
-@dataclass
-class MethodConfig:
-    name: str = "sap"
-
-    def __post_init__(self):
-        _one_of("method.name", self.name, METHODS)
+        one_of("adapter.kind", self.kind, ("lora", "full"))
+        require(self.r >= 1, "adapter.r", self.r, "an integer >= 1")
+        require(0 <= self.dropout < 1, "adapter.dropout", self.dropout, "a number in [0, 1)")
 
 
 @dataclass
 class ProbeConfig:
-    """SAP's probe (docs: SAP.md). eps is the probe radius per layer (the paper's beta)."""
+    """SAP's probe (docs/method.md). eps is the probe radius per layer (the paper's beta)."""
 
     eps: float = 0.2
     harmful_step: float = 0.1  # delta = harmful_step * ||theta|| * g_hat (the paper's epsilon)
@@ -141,17 +131,17 @@ class ProbeConfig:
     contrast: str = "sequence"  # sequence: whole answers (the paper) | decision: up to the first differing token
 
     def __post_init__(self):
-        _require(self.eps >= 0, "probe.eps", self.eps, "a number >= 0")
-        _require(self.harmful_step >= 0, "probe.harmful_step", self.harmful_step, "a number >= 0")
-        _require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers), "probe.layers",
+        require(self.eps >= 0, "probe.eps", self.eps, "a number >= 0")
+        require(self.harmful_step >= 0, "probe.harmful_step", self.harmful_step, "a number >= 0")
+        require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers), "probe.layers",
                  list(self.layers), "a non-empty list of decoder-layer indices >= 0")
-        _require(self.steps >= 1, "probe.steps", self.steps, "an integer >= 1")
-        _require(self.step_size is None or self.step_size > 0, "probe.step_size", self.step_size,
+        require(self.steps >= 1, "probe.steps", self.steps, "an integer >= 1")
+        require(self.step_size is None or self.step_size > 0, "probe.step_size", self.step_size,
                  "null or a number > 0")
-        _one_of("probe.norm", self.norm, ("linf", "l2"))
-        _one_of("probe.mode", self.mode, ("clean", "faithful"))
-        _require(self.temperature > 0, "probe.temperature", self.temperature, "a number > 0")
-        _one_of("probe.contrast", self.contrast, ("sequence", "decision"))
+        one_of("probe.norm", self.norm, ("linf", "l2"))
+        one_of("probe.mode", self.mode, ("clean", "faithful"))
+        require(self.temperature > 0, "probe.temperature", self.temperature, "a number > 0")
+        one_of("probe.contrast", self.contrast, ("sequence", "decision"))
 
 
 @dataclass
@@ -162,14 +152,16 @@ class OptimConfig:
     grad_clip: float | None = 1.0
 
     def __post_init__(self):
-        _require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
 
 
 HUB_TASKS = ("alpaca", "sst2", "agnews", "gsm8k")
 HUB_POISON = ("beavertails",)
 HUB_SAFETY_PAIRS = ("circuit_breakers", "beavertails_refusals")
 HUB_HARMFUL_EVAL = ("beavertails", "advbench")
+SYNTHETIC_ALIGNMENT = ("world", "safety_pairs")
+HUB_ALIGNMENT = ("beavertails_refusals", "beavertails_safe", "safety_pairs")
 DATA_FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv")
 
 
@@ -190,6 +182,14 @@ class DataConfig:
     safety_pairs: str = "circuit_breakers"  # hub: circuit_breakers (the reference's schema) | beavertails_refusals
     safety_pairs_path: str | None = None
     n_safety_pairs: int | None = None  # hub: the first n after shuffling (None: all)
+    # the alignment stream (harmful prompt -> refusal or safe answer) and the harmful stream (the
+    # same prompts -> harmful answers), for the defenses that declare them (docs/methods.md).
+    # synthetic: world (the provider's alignment prompts) | safety_pairs (SAP's pairs);
+    # hub: beavertails_refusals | beavertails_safe (safe answers; no harmful stream) | safety_pairs
+    alignment_set: str | None = None  # None: world (synthetic), beavertails_refusals (hub)
+    alignment_path: str | None = None  # hub: a local file instead of the Hub set, same schema
+    n_alignment: int | None = None  # the first n after a seeded shuffle (None: all)
+    alignment_batch_size: int | None = None  # None: batch_size
     harmful_eval: str = "beavertails"  # hub: unsafe BeaverTails 30k_test prompts | advbench
     harmful_eval_path: str | None = None
     refusal: str | None = None  # hub: a fixed refusal; with it the refusal margin is measured on real sets
@@ -203,22 +203,27 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self):
-        _one_of("data.source", self.source, ("synthetic", "hub"))
-        _one_of("data.task", self.task, ("instruct", "classify") if self.source == "synthetic" else HUB_TASKS)
-        _require(0 <= self.poison_ratio <= 1, "data.poison_ratio", self.poison_ratio, "a number in [0, 1]")
+        one_of("data.source", self.source, ("synthetic", "hub"))
+        one_of("data.task", self.task, ("instruct", "classify") if self.source == "synthetic" else HUB_TASKS)
+        require(0 <= self.poison_ratio <= 1, "data.poison_ratio", self.poison_ratio, "a number in [0, 1]")
         for key in ("n_train", "batch_size", "safety_batch_size", "max_length"):
-            _require(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "an integer >= 1")
-        for key in ("n_test", "n_safety_pairs", "safety_max_length"):
-            _require(getattr(self, key) is None or getattr(self, key) >= 1, f"data.{key}", getattr(self, key),
+            require(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("n_test", "n_safety_pairs", "safety_max_length", "n_alignment", "alignment_batch_size"):
+            require(getattr(self, key) is None or getattr(self, key) >= 1, f"data.{key}", getattr(self, key),
                      "null or an integer >= 1")
-        _one_of("data.prompt_format", self.prompt_format, ("plain", "chat", "alpaca"))
+        one_of("data.prompt_format", self.prompt_format, ("plain", "chat", "alpaca"))
+        if self.alignment_set is None:
+            self.alignment_set = "world" if self.source == "synthetic" else "beavertails_refusals"
+        one_of("data.alignment_set", self.alignment_set,
+                SYNTHETIC_ALIGNMENT if self.source == "synthetic" else HUB_ALIGNMENT)
         if self.source == "hub":
-            _one_of("data.poison", self.poison, HUB_POISON)
-            _one_of("data.safety_pairs", self.safety_pairs, HUB_SAFETY_PAIRS)
-            _one_of("data.harmful_eval", self.harmful_eval, HUB_HARMFUL_EVAL)
-        for key in ("task_path", "task_test_path", "poison_path", "safety_pairs_path", "harmful_eval_path"):
+            one_of("data.poison", self.poison, HUB_POISON)
+            one_of("data.safety_pairs", self.safety_pairs, HUB_SAFETY_PAIRS)
+            one_of("data.harmful_eval", self.harmful_eval, HUB_HARMFUL_EVAL)
+        for key in ("task_path", "task_test_path", "poison_path", "safety_pairs_path", "harmful_eval_path",
+                    "alignment_path"):
             path = getattr(self, key)
-            _require(path is None or Path(path).suffix in DATA_FILE_TYPES, f"data.{key}", path,
+            require(path is None or Path(path).suffix in DATA_FILE_TYPES, f"data.{key}", path,
                      "null (the Hub data set) or a file ending in " + ", ".join(DATA_FILE_TYPES))
 
 
@@ -239,12 +244,12 @@ class EvalConfig:
     judge_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
-        _require(len(self.judges) >= 1 and all(j in JUDGES for j in self.judges), "eval.judges",
+        require(len(self.judges) >= 1 and all(j in JUDGES for j in self.judges), "eval.judges",
                  list(self.judges), "a non-empty list from " + ", ".join(JUDGES))
-        _require(set(self.judge_options) <= set(JUDGES), "eval.judge_options", sorted(self.judge_options),
+        require(set(self.judge_options) <= set(JUDGES), "eval.judge_options", sorted(self.judge_options),
                  "a mapping whose keys are judges: " + ", ".join(JUDGES))
-        _one_of("eval.split", self.split, ("val", "test"))
-        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        one_of("eval.split", self.split, ("val", "test"))
+        require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an integer >= 1")
 
 
 @dataclass
@@ -263,10 +268,10 @@ class TrainerConfig:
     deterministic: bool = False
 
     def __post_init__(self):
-        _require(self.max_steps >= 1 or self.max_steps == -1, "trainer.max_steps", self.max_steps, "-1 or an integer >= 1")
-        _require(self.max_epochs >= 1 or self.max_epochs == -1, "trainer.max_epochs", self.max_epochs,
+        require(self.max_steps >= 1 or self.max_steps == -1, "trainer.max_steps", self.max_steps, "-1 or an integer >= 1")
+        require(self.max_epochs >= 1 or self.max_epochs == -1, "trainer.max_epochs", self.max_epochs,
                  "-1 or an integer >= 1")
-        _require(self.max_steps >= 1 or self.max_epochs >= 1, "trainer.max_steps", self.max_steps,
+        require(self.max_steps >= 1 or self.max_epochs >= 1, "trainer.max_steps", self.max_steps,
                  "an integer >= 1 when trainer.max_epochs=-1 (one of the two must end training)")
 
 
@@ -279,7 +284,7 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        _require(self.mode in (None, "online", "offline", "disabled"), "logger.wandb.mode", self.mode,
+        require(self.mode in (None, "online", "offline", "disabled"), "logger.wandb.mode", self.mode,
                  "null, online, offline, disabled")
 
 
@@ -302,12 +307,32 @@ class PathsConfig:
 
 
 @dataclass
+class AlignConfig:
+    """The optional alignment stage (conf/align): before fine-tuning, the provider re-aligns the
+    starting model with a registered method trained on the alignment stream (as the task), as a
+    LoRA (the `adapter` settings) merged into the weights. Cached under a key of everything that
+    produced it (stages.py)."""
+
+    method: Any = None  # None: no stage; else a method node, e.g. {name: sft}
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.steps >= 1, "align.steps", self.steps, "an integer >= 1")
+        require(self.lr > 0 and math.isfinite(self.lr), "align.lr", self.lr, "a finite number > 0")
+        require(self.batch_size >= 1, "align.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     save_adapter: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Any = field(default_factory=lambda: {"name": "sap"})  # checked against the method's registered config
+    align: AlignConfig = field(default_factory=AlignConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -357,29 +382,49 @@ def _check_keys(node: DictConfig, schema: type, path: str) -> None:
             _check_keys(child, sub, full)
 
 
-def validate(cfg: DictConfig, schema: type = TrainConfig) -> Any:
-    """Check `cfg` against `schema`; return the typed dataclass or raise ConfigError."""
-    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    _check_keys(plain, schema, "")
+def _typed(schema: type, node: Any, path: str = "") -> Any:
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path + '.' if path and key != '?' else path}{key}: {str(e).splitlines()[0]}") from None
+
+
+def method_config(node: Any, path: str = "method") -> Any:
+    """A `method` node -> the registered method's typed config (methods/registry.py)."""
+    from safeprobe.methods import method_spec
+
+    node = OmegaConf.create(to_plain(node) if node is not None else {})
+    if "name" not in node:
+        raise ConfigError(f"{path}.name is missing; allowed: one of the registered methods (conf/method/)")
+    spec = method_spec(node.name)
+    _check_keys(node, spec.config, path)
+    return _typed(spec.config, node, path)
+
+
+def validate(cfg: DictConfig, schema: type = TrainConfig) -> Any:
+    """Check `cfg` against `schema`; return the typed dataclass or raise ConfigError."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    _check_keys(plain, schema, "")
+    typed = _typed(schema, plain)
+    if isinstance(typed, TrainConfig):
+        typed.method = method_config(typed.method)
+        if typed.align.method is not None:
+            typed.align.method = method_config(typed.align.method, "align.method")
+    return typed
 
 
 def check_probe_layers(layers: list[int], n_layers: int) -> None:
     bad = [i for i in layers if not 0 <= i < n_layers]
-    _require(not bad, "probe.layers", list(layers),
+    require(not bad, "probe.layers", list(layers),
              f"decoder-layer indices in [0, {n_layers - 1}] (the model has {n_layers} layers)")
 
 
 # --------------------------------------------------------------- command-line checks
 
-GROUPS = ("model", "adapter", "method", "probe", "data", "eval", "trainer", "logger", "experiment", "paths")
+GROUPS = ("model", "adapter", "method", "probe", "align", "data", "eval", "trainer", "logger", "experiment", "paths")
 
 
 def group_options(group: str) -> list[str]:
@@ -418,6 +463,18 @@ def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
         parts = key.split(".")
         for i, part in enumerate(parts):
             path = ".".join(parts[:i])
+            if path in ("method", "align.method"):  # the keys of the chosen method (methods/registry.py)
+                chosen = _chosen_methods(overrides) if path == "method" else None
+                for name in chosen or [None]:
+                    allowed = _method_keys(name)
+                    if part not in allowed:
+                        which = f" for method={name}" if name else " (any method)"
+                        raise ConfigError(f"unknown key '{key}'{which}; allowed keys under '{path}': {', '.join(allowed)}")
+                first = (_chosen_methods([]) or [None])[0]
+                if chosen and len(chosen) > 1 and part not in _method_keys(first) and not o.input_line.startswith("+"):
+                    raise ConfigError(f"a sweep over methods composes the default method first, which lacks "
+                                      f"'{key}'; write it as '++{o.input_line}'")
+                break
             if ".".join(parts[: i + 1]) in _FREE_FORM or node is None:
                 break
             allowed = [f.name for f in dataclasses.fields(node)]
@@ -425,6 +482,39 @@ def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
                 where = f"under '{path}'" if path else "at the top level"
                 raise ConfigError(f"unknown key '{key}'; allowed keys {where}: {', '.join(allowed)}")
             node = _dataclass_of(node, part)
+
+
+def _method_keys(name: str | None = None) -> list[str]:
+    """The method.* keys of one registered method (its config's fields), or of any."""
+    from safeprobe.methods import METHODS
+
+    if name in METHODS:
+        return [f.name for f in dataclasses.fields(METHODS[name].config)]
+    return sorted({f.name for spec in METHODS.values() for f in dataclasses.fields(spec.config)})
+
+
+def _chosen_methods(overrides: list) -> list[str] | None:
+    """The method(s) a command line selects: `method=...`, else its experiment's, else train.yaml's."""
+    import yaml
+
+    def group_default(file: Path) -> str | None:
+        for entry in (yaml.safe_load(file.read_text()) or {}).get("defaults", []):
+            if isinstance(entry, dict):
+                for k, v in entry.items():
+                    if k.removeprefix("override ").lstrip("/") == "method":
+                        return v
+        return None
+
+    given = {o.key_or_group: o for o in overrides if not (o.is_add() or o.is_force_add() or o.is_delete())}
+    if "method" in given:
+        o = given["method"]
+        return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+    if "experiment" in given and not given["experiment"].is_sweep_override():
+        file = CONF_DIR / "experiment" / f"{given['experiment'].get_value_element_as_str()}.yaml"
+        if file.is_file() and group_default(file):
+            return [group_default(file)]
+    default = group_default(CONF_DIR / "train.yaml")
+    return [default] if default else None
 
 
 def to_plain(cfg: DictConfig | ListConfig | Any) -> Any:

@@ -1,6 +1,7 @@
 """One run, start to end: `run(cfg)` for train.py and `evaluate_run(cfg)` for eval.py.
 
     config -> base model (aligned synthetic model, cached; or a pretrained one)
+           -> [alignment stage: align.method re-aligns it, cached]            stages.py
            -> evaluate before -> adapter -> method module + data module -> Trainer.fit
            -> evaluate after -> results.json, adapter, loggers
 """
@@ -21,22 +22,21 @@ from safeprobe.config import (
     ConfigError,
     EvalRunConfig,
     TrainConfig,
-    check_probe_layers,
     to_plain,
     validate,
 )
 from safeprobe.data.datamodule import SafetyDataModule, Splits, synthetic_splits
 from safeprobe.evaluation.evaluate import evaluate
-from safeprobe.methods import build_method
+from safeprobe.methods import build_method, method_spec
 from safeprobe.models.factory import (
     Base,
     apply_adapter,
     formatter,
     load_adapter,
     load_base,
-    model_depth,
     save_adapter,
 )
+from safeprobe.stages import alignment_stage
 from safeprobe.tracking import environment, finish, log_results, make_loggers, write_json
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,14 @@ def _hydra_job() -> tuple[str | None, str | None]:
     return None, hc.job.override_dirname or None
 
 
+def data_streams(c: TrainConfig) -> tuple[str, ...]:
+    """The streams the fine-tuning method and the alignment stage's method read."""
+    streams = method_spec(c.method.name).module.data_streams(c)
+    if c.align.method is not None:
+        streams += ("alignment",) + method_spec(c.align.method.name).module.data_streams(c)
+    return tuple(dict.fromkeys(streams))
+
+
 def build_splits(base: Base, c: TrainConfig) -> Splits:
     """data.source=synthetic: the world's sets; hub: real data sets (data/sources.py)."""
     if (c.data.source == "synthetic") != (c.model.kind == "synthetic"):
@@ -66,7 +74,14 @@ def build_splits(base: Base, c: TrainConfig) -> Splits:
         return synthetic_splits(base.world, c.data, c.eval.split)
     from safeprobe.data.sources import hub_splits
 
-    return hub_splits(c.data, c.eval.split)
+    return hub_splits(c.data, c.eval.split, data_streams(c))
+
+
+def data_module(c: TrainConfig, base: Base, splits: Splits, fmt) -> SafetyDataModule:
+    """The streams and the fine-tuning set that c.method asks for (same task batches for every method)."""
+    module = method_spec(c.method.name).module
+    return SafetyDataModule(c.data, splits, base.tokenizer, fmt, c.seed, streams=module.data_streams(c),
+                            task_examples=module.task_examples(c, splits))
 
 
 def eval_device(c: TrainConfig) -> torch.device:
@@ -96,18 +111,19 @@ def run(cfg: DictConfig) -> dict:
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     write_json(out / "environment.json", environment(PROJECT_ROOT))  # the code's commit, wherever outputs go
 
-    if c.method.name == "sap":
-        check_probe_layers(c.probe.layers, model_depth(c.model))
+    method_spec(c.method.name).module.check_config(c)  # before any work (e.g. probe layers vs depth)
     base = load_base(c.model, c.paths.cache_dir)
     splits = build_splits(base, c)
     fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
-    L.seed_everything(c.seed, workers=True)  # after the (possibly cached) alignment stage
-    data = SafetyDataModule(c.data, splits, base.tokenizer, fmt, c.seed)
+    base = alignment_stage(base, c, splits, fmt)
+    L.seed_everything(c.seed, workers=True)  # after the (possibly cached) alignment stages
+    data = data_module(c, base, splits, fmt)
 
     group, name = _hydra_job()
     loggers = make_loggers(c.logger, out, to_plain(cfg), group, name)
     try:
-        results = {"method": c.method.name, "seed": c.seed, "run_dir": str(out)}
+        results = {"method": c.method.name, "seed": c.seed, "run_dir": str(out), "method_config": to_plain(c.method),
+                   "align": to_plain(c.align)}
         ev = dict(tokenizer=base.tokenizer, formatter=fmt, splits=splits, cfg=c.eval, max_length=c.data.max_length)
         results["before"] = evaluate(base.model.to(eval_device(c)), **ev) if c.eval.before else None
         model = apply_adapter(base.model, c.adapter)

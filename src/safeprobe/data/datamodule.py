@@ -1,9 +1,17 @@
-"""The `data` config group: the task stream, the safety-pair stream and the held-out sets.
+"""The `data` config group: the streams a method reads and the held-out sets.
 
-A source yields plain examples (`Example`, `SafetyPair`); this module mixes in the
-poison share, tokenizes with response-only labels, and serves a training batch of the
-form {"task": ..., "safety": ...}. Every method sees the same task batches for the same
-seed (the safety stream is drawn for every method, used only by those that need it).
+A source yields plain examples (`Example`, `SafetyPair`); this module tokenizes them with
+response-only labels and serves training batches {stream: batch} for the streams the method
+declares:
+
+    task       the fine-tuning set (n examples, the poison share mixed in)   every method
+    safety     SAP's contrastive pairs (harmful prompt, refusal, harmful answer)
+    alignment  harmful prompt -> refusal or safe answer (Lisa, SafeInstr, ...)
+    harmful    the same prompts -> harmful answers (Booster, RepNoise, ...)
+
+The task stream alone sets the epoch; every other stream is an endless, independently
+seeded cycle. So for the same seed every method sees the same task batches, whatever else
+it reads (tested), and comparisons between methods are paired.
 """
 
 from __future__ import annotations
@@ -16,13 +24,14 @@ from functools import partial
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from safeprobe.config import DataConfig
+from safeprobe.config import ConfigError, DataConfig
 from safeprobe.data.formatting import PromptFormatter, collate, collate_pairs, encode, encode_pairs
 from safeprobe.synthetic.world import Example, SafetyPair
 
 log = logging.getLogger(__name__)
+STREAMS = ("task", "safety", "alignment", "harmful")
 
 
 @dataclass
@@ -37,59 +46,121 @@ class Splits:
     benign_eval: list[Example]
     task_kind: str  # instruct (exact match) | classify (first word = label)
     harmful_val: list[SafetyPair] = field(default_factory=list)  # scored as val/... next to a test split
+    alignment: list[Example] = field(default_factory=list)  # harmful prompt -> refusal / safe answer
+    harmful: list[Example] = field(default_factory=list)  # harmful prompt -> harmful answer
+
+
+def alignment_streams(pairs: list[SafetyPair], n: int | None, seed: int) -> tuple[list[Example], list[Example]]:
+    """(alignment, harmful) examples from (prompt, safe, harmful) rows: the first n after a
+    seeded shuffle; rows without a harmful answer feed the alignment stream only."""
+    rows = list(pairs)
+    random.Random(seed).shuffle(rows)
+    rows = rows[:n]
+    return ([Example(p.prompt, p.safe) for p in rows if p.safe],
+            [Example(p.prompt, p.harmful) for p in rows if p.harmful])
 
 
 def synthetic_splits(world, cfg: DataConfig, eval_split: str) -> Splits:
     train, test = world.task_sets(cfg.task)
     val = world.harmful_eval_set("val") if eval_split == "test" else []
+    source = world.alignment_pairs() if cfg.alignment_set == "world" else world.safety_pairs()
+    alignment, harmful = alignment_streams(source, cfg.n_alignment, cfg.shuffle_seed)
     return Splits(train, test, world.poison_set(), world.safety_pairs(), world.harmful_eval_set(eval_split),
-                  world.benign_eval_set(), cfg.task, val)
+                  world.benign_eval_set(), cfg.task, val, alignment, harmful)
 
 
-def mix_training_set(splits: Splits, n: int, poison_ratio: float, seed: int) -> list[Example]:
-    """n examples, round(n * poison_ratio) of them harmful-with-harmful-answer, shuffled."""
+def mix_training_set(splits: Splits, n: int, poison_ratio: float, seed: int, n_safety: int = 0,
+                     replace_benign: bool = False) -> list[Example]:
+    """n examples, round(n * poison_ratio) of them harmful-with-harmful-answer, shuffled; plus
+    n_safety alignment examples (harmful prompt -> refusal), added to the n or, with
+    replace_benign, taking the place of as many benign ones. n_safety=0 gives exactly the
+    set (and order) every other method trains on."""
     rng = random.Random(seed)
     n_poison = round(n * poison_ratio)
     if n_poison and not splits.poison:
         raise ValueError("data.poison_ratio > 0 but the data source has no harmful examples for poisoning")
-    def draw(pool, k):
-        pool = list(pool)
-        rng.shuffle(pool)
-        return [pool[i % len(pool)] for i in range(k)]  # cycles when k exceeds the pool
-    rows = draw(splits.task_train, n - n_poison) + draw(splits.poison, n_poison)
+    n_benign = n - n_poison - (n_safety if replace_benign else 0)
+    if n_benign < 1:
+        raise ConfigError(f"{n_safety} safety examples replacing benign ones leave no task example of data.n_train={n} "
+                          f"(poison: {n_poison}); allowed: fewer safety examples or a larger data.n_train")
+    rows = draw(splits.task_train, n_benign, rng) + draw(splits.poison, n_poison, rng)
+    if n_safety:
+        if not splits.alignment:
+            raise ConfigError("safety examples were asked for but the alignment set is empty; allowed: a "
+                              "data.alignment_set with examples")
+        rows += draw(splits.alignment, n_safety, rng)
     rng.shuffle(rows)
     return rows
 
 
+def draw(pool, k: int, rng: random.Random) -> list:
+    """k items of a shuffled copy of pool, cycling when k exceeds it."""
+    pool = list(pool)
+    rng.shuffle(pool)
+    return [pool[i % len(pool)] for i in range(k)]
+
+
+class Endless(IterableDataset):
+    """Rows in a fresh seeded order on every pass, forever; the order continues across epochs."""
+
+    def __init__(self, rows: list, seed: int):
+        self.rows, self.generator = rows, torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        while True:
+            for i in torch.randperm(len(self.rows), generator=self.generator).tolist():
+                yield self.rows[i]
+
+
 class SafetyDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, splits: Splits, tokenizer, formatter: PromptFormatter, seed: int):
+    def __init__(self, cfg: DataConfig, splits: Splits, tokenizer, formatter: PromptFormatter, seed: int,
+                 streams: tuple[str, ...] = ("task", "safety"), task_examples: list[Example] | None = None):
         super().__init__()
         self.cfg, self.splits, self.tokenizer, self.formatter, self.seed = cfg, splits, tokenizer, formatter, seed
+        self.streams = streams
         self.pad_id = tokenizer.pad_token_id
         self.dropped = 0
-        self.train_rows = self._encode(mix_training_set(splits, cfg.n_train, cfg.poison_ratio, seed))
-        self.safety_rows = encode_pairs(tokenizer, formatter, splits.safety_pairs, cfg.safety_max_length or cfg.max_length)
+        if task_examples is None:
+            task_examples = mix_training_set(splits, cfg.n_train, cfg.poison_ratio, seed)
+        self.train_rows = self._encode(task_examples)
         if not self.train_rows:
             raise ValueError("no training example fits data.max_length")
+        pairs_len = cfg.safety_max_length or cfg.max_length
+        self.rows = {"task": self.train_rows}
+        if "safety" in streams:
+            self.rows["safety"] = encode_pairs(tokenizer, formatter, splits.safety_pairs, pairs_len)
+        for name in ("alignment", "harmful"):
+            if name in streams:
+                self.rows[name] = self._encode(getattr(splits, name), "safety_max_length")
+        for name in streams:
+            if name not in STREAMS:
+                raise ConfigError(f"data stream {name!r} is invalid; allowed: {', '.join(STREAMS)}")
+            if not self.rows[name]:
+                raise ConfigError(f"the {name} stream is empty (data.alignment_set={cfg.alignment_set}, "
+                                  f"data.n_alignment={cfg.n_alignment}); allowed: a data set that has {name} examples")
 
-    def _encode(self, examples: list[Example]) -> list[dict]:
-        rows = [encode(self.tokenizer, self.formatter, e.prompt, e.response, self.cfg.max_length) for e in examples]
+    def _encode(self, examples: list[Example], key: str = "max_length") -> list[dict]:
+        """Encoded rows; those whose response does not fit data.<key> are dropped (task drops counted)."""
+        max_length = getattr(self.cfg, key) or self.cfg.max_length
+        rows = [encode(self.tokenizer, self.formatter, e.prompt, e.response, max_length) for e in examples]
         kept = [r for r in rows if r is not None]
-        self.dropped += len(rows) - len(kept)
+        if key == "max_length":
+            self.dropped += len(rows) - len(kept)
         if len(kept) < len(rows):
-            log.warning("dropped %d of %d examples whose response did not fit data.max_length=%d",
-                        len(rows) - len(kept), len(rows), self.cfg.max_length)
+            log.warning("dropped %d of %d examples whose response did not fit data.%s=%d",
+                        len(rows) - len(kept), len(rows), key, max_length)
         return kept
 
-    def _loader(self, rows, batch_size, collate_fn, seed_offset):
-        g = torch.Generator().manual_seed(self.seed + seed_offset)
-        return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate_fn,
-                          num_workers=self.cfg.num_workers)
-
     def train_dataloader(self):
-        task = self._loader(self.train_rows, self.cfg.batch_size, partial(collate, pad_id=self.pad_id), 0)
-        loaders = {"task": task}
-        if self.safety_rows:
-            loaders["safety"] = self._loader(self.safety_rows, self.cfg.safety_batch_size,
-                                             partial(collate_pairs, pad_id=self.pad_id), 1)
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        c, pad = self.cfg, self.pad_id
+        g = torch.Generator().manual_seed(self.seed)
+        loaders = {"task": DataLoader(self.train_rows, batch_size=c.batch_size, shuffle=True, generator=g,
+                                      collate_fn=partial(collate, pad_id=pad), num_workers=c.num_workers)}
+        sizes = {"safety": c.safety_batch_size, "alignment": c.alignment_batch_size or c.batch_size,
+                 "harmful": c.alignment_batch_size or c.batch_size}
+        for offset, name in enumerate(STREAMS[1:], start=1):
+            if name in self.streams:
+                collate_fn = partial(collate_pairs if name == "safety" else collate, pad_id=pad)
+                loaders[name] = DataLoader(Endless(self.rows[name], self.seed + offset), batch_size=sizes[name],
+                                           collate_fn=collate_fn)
+        return CombinedLoader(loaders, mode="min_size")

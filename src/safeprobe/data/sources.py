@@ -11,8 +11,11 @@ schema (data.*_path: .json, .jsonl, .parquet, .csv). The output is the run's `Sp
                         walledai/AdvBench (train)                        prompt, target
     safety pairs        justinphan3110/circuit_breakers_train (train)    prompt, llama3_output (safe), response (harmful)
                         anonymous4486/repnoise_beavertail (train)        prompt, refusal (safe), response (harmful)
+    alignment stream    beavertails_refusals: the refusal set above      prompt, refusal, response
+    (+ harmful stream)  beavertails_safe: BeaverTails 30k_train, safe    prompt, response, is_safe (no harmful stream)
+                        safety_pairs: whichever set data.safety_pairs names
 
-Selection (BENCHMARKS.md 3A/3B): the training split is shuffled with data.shuffle_seed; a task
+Selection: the training split is shuffled with data.shuffle_seed; a task
 without a test split (alpaca) gives its first n_test rows to the held-out set and the next
 n_train to training (the reference code's 100 / 1,900); otherwise training takes the first
 n_train shuffled rows and the held-out set is the first n_test rows of the test split.
@@ -29,7 +32,7 @@ from pathlib import Path
 import datasets
 
 from safeprobe.config import DATA_FILE_TYPES, ConfigError, DataConfig
-from safeprobe.data.datamodule import Splits
+from safeprobe.data.datamodule import Splits, alignment_streams
 from safeprobe.data.formatting import with_input
 from safeprobe.evaluation.task_metrics import AGNEWS_LABELS, GSM8K_ANSWER_PROMPT, SST2_LABELS
 from safeprobe.synthetic.world import Example, SafetyPair
@@ -206,12 +209,27 @@ def safety_pairs(cfg: DataConfig) -> list[SafetyPair]:
     return [SafetyPair(r["prompt"], clean_refusal(r["refusal"]), r["response"]) for r in rows]
 
 
-def hub_splits(cfg: DataConfig, eval_split: str) -> Splits:
+def alignment_pairs(cfg: DataConfig) -> list[SafetyPair]:
+    """(harmful prompt, safe answer, harmful answer or None) rows behind the alignment and harmful streams."""
+    if cfg.alignment_set == "safety_pairs":
+        return safety_pairs(cfg)
+    if cfg.alignment_set == "beavertails_safe":
+        rows = load_table(POISON["beavertails"], cfg.alignment_path, "data.alignment_path")
+        return [SafetyPair(r["prompt"], r["response"], None) for r in rows if _is_true(r["is_safe"])]
+    rows = load_table(SAFETY_PAIRS["beavertails_refusals"], cfg.alignment_path, "data.alignment_path")
+    return [SafetyPair(r["prompt"], clean_refusal(r["refusal"]), r["response"]) for r in rows]
+
+
+def hub_splits(cfg: DataConfig, eval_split: str, streams: tuple[str, ...] = ("task", "safety")) -> Splits:
+    """The run's sets; the alignment set is read only when a stream of the method needs it."""
     if eval_split != "test":
         raise ConfigError(f"eval.split={eval_split!r} is invalid for data.source=hub; allowed: test "
                           "(the real harmful sets have no validation split)")
     train, test = task_sets(cfg)
     splits = Splits(train, test, poison_set(cfg), safety_pairs(cfg), harmful_eval_set(cfg), [], cfg.task)
-    log.info("data: %d task train, %d task held-out, %d poison, %d safety pairs, %d harmful eval prompts",
-             len(train), len(test), len(splits.poison), len(splits.safety_pairs), len(splits.harmful_eval))
+    if {"alignment", "harmful"} & set(streams):
+        splits.alignment, splits.harmful = alignment_streams(alignment_pairs(cfg), cfg.n_alignment, cfg.shuffle_seed)
+    log.info("data: %d task train, %d task held-out, %d poison, %d safety pairs, %d alignment, %d harmful, "
+             "%d harmful eval prompts", len(train), len(test), len(splits.poison), len(splits.safety_pairs),
+             len(splits.alignment), len(splits.harmful), len(splits.harmful_eval))
     return splits

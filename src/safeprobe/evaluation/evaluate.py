@@ -1,5 +1,6 @@
 """Evaluation (the `eval` config group): batched greedy generation, judges, and the metrics
-of BENCHMARKS.md section 2: harmful score, refusal margin, fine-tune accuracy, test loss."""
+(docs/results/synthetic.md section 1): harmful score, refusal margin, fine-tune accuracy,
+test loss."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fine-tune accuracy: does an answer solve a held-out task prompt? One scorer per task kind.
 
-Real tasks follow the harmful-fine-tuning protocol (BENCHMARKS.md 3B): SST2 and AGNews are
+Real tasks follow the harmful-fine-tuning protocol (docs/real_models.md): SST2 and AGNews are
 label accuracy, GSM8K compares the number after "The final answer is: " (else the last
 number). A task without a scorer here (alpaca) reports no accuracy; its utility is test loss.
 """

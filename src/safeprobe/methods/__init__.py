@@ -1,12 +1,21 @@
-"""The `method` config group: one LightningModule per method, sharing FineTuneModule."""
+"""The `method` config group: every fine-tuning method, found by name in a registry.
 
-from safeprobe.config import TrainConfig
-from safeprobe.methods.base import FineTuneModule
-from safeprobe.methods.sap import SAPModule
-from safeprobe.methods.sft import SFTModule
+Each module of this package registers itself (methods/registry.py); importing the package
+imports them all, so adding a method is one module here and one YAML in conf/method/.
+"""
+
+import importlib
+import pkgutil
+
+from safeprobe.methods.registry import METHODS, MethodConfig, MethodSpec, method_spec, register
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
 
-def build_method(model, cfg: TrainConfig) -> FineTuneModule:
-    if cfg.method.name == "sap":
-        return SAPModule(model, cfg.optim, cfg.probe)
-    return SFTModule(model, cfg.optim)
+def build_method(model, cfg):
+    """The LightningModule of cfg.method (a validated TrainConfig) around `model`."""
+    return method_spec(cfg.method.name).module(model, cfg)
+
+
+__all__ = ["METHODS", "MethodConfig", "MethodSpec", "build_method", "method_spec", "register"]

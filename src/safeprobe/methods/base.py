@@ -1,30 +1,65 @@
 """Shared step plumbing for every fine-tuning method.
 
 Manual optimization: exactly one `manual_backward` and one optimizer step per batch, so
-`global_step` counts real steps. Every update minimizes the task loss; a method changes
-what is in place while it is computed and differentiated (`update_context`: SAP's probe)
-and may act on the gradients before the step (`after_backward`); nothing else.
+`global_step` counts real steps. A method overrides some of:
+
+- `streams`: the data streams it reads (task, safety, alignment, harmful; data/datamodule.py);
+- `loss(batch)`: what the update minimizes (SFT: the task loss);
+- `update_context(batch)`: what is in place while that loss is computed and differentiated
+  (SAP's probe);
+- `after_backward()`: acts on the gradients before the optimizer step;
+- `task_examples(cfg, splits)`: the fine-tuning set (SafeInstr mixes safety data into it).
+
+Auxiliary passes run inside `side_rng()`, so the update pass draws the same random numbers
+(dropout masks) as SFT's; `initial_model()` gives the model as it was before fine-tuning
+(the adapter switched off, or a frozen copy under full fine-tuning) for reference passes.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import ClassVar
 
 import lightning as L
 import torch
 
-from safeprobe.config import OptimConfig
 from safeprobe.methods.losses import task_loss
 
 
 class FineTuneModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig):
+    streams: ClassVar[tuple[str, ...]] = ("task",)
+
+    def __init__(self, model: torch.nn.Module, cfg):
         super().__init__()
         self.model = model
-        self.optim_cfg = optim
+        self.cfg = cfg  # the whole validated TrainConfig
+        self.optim_cfg = cfg.optim
+        self.method_cfg = cfg.method  # this method's typed config (method.*)
         self.automatic_optimization = False
+        self._frozen_start: list[torch.nn.Module] = []  # full fine-tuning's reference copy, made on demand
 
     # -------------------------------------------------------------- to override
+    @classmethod
+    def data_streams(cls, cfg) -> tuple[str, ...]:
+        """The streams this method reads with this config (default: `streams`)."""
+        return cls.streams
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Checks of this method's settings against the model, before any work (raise ConfigError)."""
+
+    @classmethod
+    def task_examples(cls, cfg, splits) -> list:
+        """The fine-tuning set: n examples with the configured poison share."""
+        from safeprobe.data.datamodule import mix_training_set
+
+        return mix_training_set(splits, cfg.data.n_train, cfg.data.poison_ratio, cfg.seed)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """What the update minimizes (SFT: mean cross-entropy on the task batch's responses)."""
+        return task_loss(self.model, batch["task"])
+
     def update_context(self, batch: dict) -> AbstractContextManager:
         """What surrounds the update's forward *and* backward pass (SFT: nothing). Backward
         is inside too, so gradient checkpointing recomputes layers as they ran forward."""
@@ -45,7 +80,7 @@ class FineTuneModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         with self.update_context(batch):
-            loss = task_loss(self.model, batch["task"])
+            loss = self.loss(batch)
             self.manual_backward(loss)
         self.after_backward()
         if self.optim_cfg.grad_clip:
@@ -61,3 +96,24 @@ class FineTuneModule(L.LightningModule):
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             yield
+
+    @contextmanager
+    def initial_model(self):
+        """The model before fine-tuning, in eval mode, for reference passes without gradients:
+        LoRA's adapter switched off, or (full fine-tuning) a frozen copy taken at the first call."""
+        if hasattr(self.model, "disable_adapter"):
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with self.model.disable_adapter(), torch.no_grad():
+                    yield self.model
+            finally:
+                self.model.train(was_training)
+            return
+        if not self._frozen_start:
+            self._frozen_start.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+        with torch.no_grad():
+            yield self._frozen_start[0]
+
+    def on_train_end(self) -> None:
+        self._frozen_start.clear()

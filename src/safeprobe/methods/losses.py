@@ -8,6 +8,28 @@ import torch.nn.functional as F
 from safeprobe.data.formatting import IGNORE
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position (0 where unlabelled) and the label mask, both
+    of shape (batch, length - 1)."""
+    labels = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                          reduction="none").view(labels.shape)
+    return nll, labels != IGNORE
+
+
+def mean_nll(nll: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over labelled tokens, each optionally weighted. Weights of exactly 1 give exactly
+    the unweighted mean (so a method whose weights are all 1 reproduces SFT bit for bit)."""
+    total = nll if weights is None else weights * nll
+    return total.sum() / mask.sum()
+
+
+def task_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens (labels != IGNORE)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return mean_nll(*token_nll(logits, batch["labels"]))
+
+
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of teacher-forced log-probs of the labelled (response) tokens, one per row."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -15,12 +37,6 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     mask = labels != IGNORE
     tok = torch.gather(F.log_softmax(logits, -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (tok * mask).sum(-1)
-
-
-def task_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens (labels != IGNORE)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
 
 
 def contrastive_safety_loss(model, pairs: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

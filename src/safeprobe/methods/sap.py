@@ -1,4 +1,4 @@
-"""SAP: Safety-Aware Probing (arXiv 2505.16737), one training step. See docs/SAP.md.
+"""SAP: Safety-Aware Probing (arXiv 2505.16737), one training step. See docs/method.md.
 
 Per batch (task batch B, safety pairs S):
   1. unsafe direction  g_hat = grad_theta L_c / ||grad_theta L_c||, L_c the contrastive
@@ -22,22 +22,33 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from safeprobe.config import OptimConfig, ProbeConfig
+from safeprobe.config import check_probe_layers
 from safeprobe.data.formatting import up_to_first_difference
 from safeprobe.methods.base import FineTuneModule
 from safeprobe.methods.losses import sequence_logprobs, task_loss
 from safeprobe.methods.probe import Probe, ascend
+from safeprobe.methods.registry import register
+from safeprobe.models.factory import model_depth
 
 
 def global_norm(tensors) -> torch.Tensor:
     return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
 
 
+@register("sap")
 class SAPModule(FineTuneModule):
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig, probe: ProbeConfig):
-        super().__init__(model, optim)
-        self.probe_cfg = probe
-        self.probe = Probe(model, probe.layers)
+    """SAP's settings are the `probe` group (probe.*), not method.*: `-m probe.eps=...` sweeps."""
+
+    streams = ("task", "safety")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_probe_layers(cfg.probe.layers, model_depth(cfg.model))
+
+    def __init__(self, model: torch.nn.Module, cfg):
+        super().__init__(model, cfg)
+        self.probe_cfg = cfg.probe
+        self.probe = Probe(model, cfg.probe.layers)
         self.direction: list[torch.Tensor] | None = None
         self.faithful_v: torch.Tensor | None = None  # faithful mode's persistent probe (never a parameter)
 
@@ -146,4 +157,5 @@ class SAPModule(FineTuneModule):
         self.faithful_opt.zero_grad(set_to_none=True)
 
     def on_train_end(self) -> None:
+        super().on_train_end()
         self.faithful_v = self.direction = None

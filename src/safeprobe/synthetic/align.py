@@ -25,7 +25,7 @@ from safeprobe.methods.losses import task_loss
 from safeprobe.synthetic.world import PROMPT_SUFFIX, SPECIAL, World
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # bump when the alignment code changes what it produces
+CACHE_VERSION = 4  # bump when the alignment code changes what it produces
 
 DEFAULT_ARCH = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True)

@@ -14,7 +14,7 @@ refuser of everything new); the instruction task teaches it a new answer format 
 real fine-tuning tasks do. Benign fine-tuning then has to push compliance harder on prompts
 that share every word but the verb with harmful ones, and that is what erodes refusals.
 
-Disjointness (BENCHMARKS.md section 1):
+Disjointness (no example leaks between these sets):
 - harmful verbs split into poison verbs (only ever in the poison share of fine-tuning data)
   and the rest; combinations of the rest split into alignment / safety pairs / val / test;
 - task prompts split by combination into alignment (answered in the helpful format, for the
@@ -194,6 +194,11 @@ class World:
 
     def safety_pairs(self) -> list[SafetyPair]:
         return [SafetyPair(self.text(c), REFUSAL, helpful_answer(c[1], c[2])) for c in self.safety_prompts]
+
+    def alignment_pairs(self) -> list[SafetyPair]:
+        """The provider's alignment prompts (the refusals the aligned model was trained on) with
+        their harmful answers: the alignment and harmful streams of data.alignment_set=world."""
+        return [SafetyPair(self.text(c), REFUSAL, helpful_answer(c[1], c[2])) for c in self.harmful_align]
 
     def harmful_eval_set(self, split: str) -> list[SafetyPair]:
         """Held-out harmful prompts with the refusal and the harmful answer (for the margin)."""
