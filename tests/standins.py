@@ -114,8 +114,10 @@ TASK_FILES = {"alpaca": ("alpaca.jsonl", None), "sst2": ("sst2_train.jsonl", "ss
 
 def fixture_overrides(task: str, model_dir: str | Path, beaverdam_dir: str | Path) -> list[str]:
     """Point a real experiment (conf/experiment/) whose data.task is `task` at a stand-in model
-    and the fixture files: one training step on the CPU in float32 (bf16 matmuls are slow on
-    CPUs), then a 2-prompt evaluation judged by the beaverdam stand-in and keyword matching."""
+    and the fixture files (the alignment and harmful streams, for the methods that read them:
+    the beavertails_refusals file, data.alignment_set's default): one training step on the CPU
+    in float32 (bf16 matmuls are slow on CPUs), then a 2-prompt evaluation judged by the
+    beaverdam stand-in and keyword matching."""
     train, test = TASK_FILES[task]
     a = ASSETS
     return [
@@ -124,7 +126,8 @@ def fixture_overrides(task: str, model_dir: str | Path, beaverdam_dir: str | Pat
         f"data.task_path={a / train}", *([f"data.task_test_path={a / test}"] if test else []),
         "data.n_train=4", "data.n_test=2", f"data.poison_path={a / 'beavertails_30k_train.jsonl'}",
         f"data.harmful_eval_path={a / 'beavertails_30k_test.jsonl'}", f"data.safety_pairs_path={a / 'circuit_breakers.json'}",
-        "data.n_safety_pairs=4", "data.batch_size=2", "data.safety_batch_size=2",
+        "data.n_safety_pairs=4", f"data.alignment_path={a / 'beavertails_refusals.jsonl'}",  # alignment/harmful streams
+        "data.batch_size=2", "data.safety_batch_size=2",
         "eval.n_harmful=2", "eval.n_task=2", "eval.max_new_tokens=4", "eval.batch_size=2",
         f"eval.judge_options.beaverdam.name_or_path={beaverdam_dir}",
     ]

@@ -1,5 +1,5 @@
-"""Real model families on tiny random stand-ins: configs, SAP's probe hooks and a SAP step on each
-family, gradient checkpointing with LoRA, and prompt formatting with chat templates."""
+"""Real model families on tiny random stand-ins: configs, SAP's probe hooks, a step of every method on
+each family, gradient checkpointing with LoRA, and prompt formatting with chat templates."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from safeprobe.data.formatting import (
     encode,
     with_input,
 )
-from safeprobe.methods import build_method
+from safeprobe.methods import METHODS, build_method, method_spec
 from safeprobe.methods.losses import task_loss
 from safeprobe.methods.probe import Probe
 from safeprobe.models.factory import apply_adapter, decoder_layers, formatter, load_base
-from safeprobe.pipeline import build_splits
+from safeprobe.pipeline import build_splits, data_module
 from tests.standins import FAMILIES, build_tokenizer, fixture_overrides, standin
 
 REAL_MODELS = {"llama2_7b_chat": "meta-llama/Llama-2-7b-chat-hf", "llama3_8b_instruct": "meta-llama/Llama-3.1-8B-Instruct",
@@ -81,12 +81,28 @@ def test_probe_hooks_add_the_vector_to_each_probed_mlp(make_cfg, family):
     assert all(not m._forward_hooks for m in model.modules())
 
 
+# every registered method, with settings that make it read its other streams on 4 training
+# examples: SafeInstr mixes 2 alignment examples in (the default 3% of 4 rounds to none), or
+# reads the alignment stream (joint); Lisa's one step is an alignment step (align_steps > 0)
+METHOD_CASES = {**{m: [f"method={m}"] for m in sorted(METHODS)},
+                "safeinstr": ["method=safeinstr", "method.share=0.5"],
+                "safeinstr_joint": ["method=safeinstr", "method.mode=joint"]}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_a_sap_step_on_each_family(make_cfg, family):
-    c = family_cfg(make_cfg, family)
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+def test_a_step_of_each_method_on_each_family(make_cfg, case, family):
+    c = family_cfg(make_cfg, family, *METHOD_CASES[case])
+    spec = method_spec(c.method.name)
+    spec.module.check_config(c)
     base = load_base(c.model, c.paths.cache_dir)
     splits = build_splits(base, c)
     fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
+    data = data_module(c, base, splits, fmt)  # the method's streams and fine-tuning set, as a run builds them
+    assert set(data.rows) == {"task", *spec.module.data_streams(c)}  # each with rows (an empty one raises)
+    if case == "safeinstr":  # 2 alignment examples among the 6 (rows longer than data.max_length are dropped)
+        assert sum(e in set(splits.alignment) for e in spec.module.task_examples(c, splits)) == 2
+        assert len(data.train_rows) + data.dropped == 4 + 2
     model = apply_adapter(base.model, c.adapter)
     model.train()
     module = build_method(model, c)
@@ -95,7 +111,7 @@ def test_a_sap_step_on_each_family(make_cfg, family):
     L.seed_everything(0)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, datamodule=SafetyDataModule(c.data, splits, base.tokenizer, fmt, c.seed))
+    trainer.fit(module, datamodule=data)
     assert trainer.global_step == 1
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)

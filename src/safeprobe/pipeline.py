@@ -36,7 +36,7 @@ from safeprobe.models.factory import (
     load_base,
     save_adapter,
 )
-from safeprobe.stages import alignment_stage
+from safeprobe.stages import alignment_stage, stage_config
 from safeprobe.tracking import environment, finish, log_results, make_loggers, write_json
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,12 @@ def _hydra_job() -> tuple[str | None, str | None]:
     return None, hc.job.override_dirname or None
 
 
-def data_streams(c: TrainConfig) -> tuple[str, ...]:
-    """The streams the fine-tuning method and the alignment stage's method read."""
-    streams = method_spec(c.method.name).module.data_streams(c)
+def data_needed(c: TrainConfig) -> tuple[str, ...]:
+    """The data sets the fine-tuning method and the alignment stage's method read."""
+    needed = method_spec(c.method.name).module.data_needed(c)
     if c.align.method is not None:
-        streams += ("alignment",) + method_spec(c.align.method.name).module.data_streams(c)
-    return tuple(dict.fromkeys(streams))
+        needed += ("alignment",) + method_spec(c.align.method.name).module.data_needed(stage_config(c))
+    return tuple(dict.fromkeys(needed))
 
 
 def build_splits(base: Base, c: TrainConfig) -> Splits:
@@ -74,7 +74,7 @@ def build_splits(base: Base, c: TrainConfig) -> Splits:
         return synthetic_splits(base.world, c.data, c.eval.split)
     from safeprobe.data.sources import hub_splits
 
-    return hub_splits(c.data, c.eval.split, data_streams(c))
+    return hub_splits(c.data, c.eval.split, data_needed(c))
 
 
 def data_module(c: TrainConfig, base: Base, splits: Splits, fmt) -> SafetyDataModule:
@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
     loggers = make_loggers(c.logger, out, to_plain(cfg), group, name)
     try:
         results = {"method": c.method.name, "seed": c.seed, "run_dir": str(out), "method_config": to_plain(c.method),
-                   "align": to_plain(c.align)}
+                   "stages": base.stages}
         ev = dict(tokenizer=base.tokenizer, formatter=fmt, splits=splits, cfg=c.eval, max_length=c.data.max_length)
         results["before"] = evaluate(base.model.to(eval_device(c)), **ev) if c.eval.before else None
         model = apply_adapter(base.model, c.adapter)

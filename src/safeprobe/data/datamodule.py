@@ -161,6 +161,8 @@ class SafetyDataModule(L.LightningDataModule):
         for offset, name in enumerate(STREAMS[1:], start=1):
             if name in self.streams:
                 collate_fn = partial(collate_pairs if name == "safety" else collate, pad_id=pad)
+                # a generator of its own: without one, each new iterator draws its base seed from the
+                # global RNG, which would shift the update's dropout masks away from SFT's
                 loaders[name] = DataLoader(Endless(self.rows[name], self.seed + offset), batch_size=sizes[name],
-                                           collate_fn=collate_fn)
+                                           collate_fn=collate_fn, generator=torch.Generator().manual_seed(self.seed + offset))
         return CombinedLoader(loaders, mode="min_size")

@@ -46,6 +46,11 @@ class FineTuneModule(L.LightningModule):
         return cls.streams
 
     @classmethod
+    def data_needed(cls, cfg) -> tuple[str, ...]:
+        """Every set this method reads, as a stream or otherwise (default: its streams)."""
+        return cls.data_streams(cfg)
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         """Checks of this method's settings against the model, before any work (raise ConfigError)."""
 

@@ -43,6 +43,10 @@ class SafeInstrModule(FineTuneModule):
         return ("task", "alignment") if cfg.method.mode == "joint" else ("task",)
 
     @classmethod
+    def data_needed(cls, cfg) -> tuple[str, ...]:
+        return ("task", "alignment")  # mix: the alignment set feeds the fine-tuning set, not a stream
+
+    @classmethod
     def task_examples(cls, cfg, splits) -> list:
         m, d = cfg.method, cfg.data
         n_safety = round(m.share * d.n_train) if m.mode == "mix" else 0

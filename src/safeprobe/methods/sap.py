@@ -109,7 +109,9 @@ class SAPModule(FineTuneModule):
     def probe_gradient(self, task: dict, vectors: torch.Tensor, direction) -> torch.Tensor:
         """grad_V [L(theta + delta, V) - L(theta, V)], with no weight gradients."""
         v = vectors.detach().requires_grad_(True)
-        with self.perturbed(direction), self.probe.attached(v):
+        # both passes draw the same dropout masks (the RNG is rewound after the first), so their
+        # difference is delta's effect alone, not dropout noise; delta = 0 gives exactly 0
+        with self.side_rng(), self.perturbed(direction), self.probe.attached(v):
             (g_plus,) = torch.autograd.grad(task_loss(self.model, task), v)
         with self.probe.attached(v):
             (g_zero,) = torch.autograd.grad(task_loss(self.model, task), v)

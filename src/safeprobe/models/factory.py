@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ class Base:
     tokenizer: object
     path: str  # where the base weights come from (a cache folder or a Hub id)
     world: object | None = None  # the synthetic World, when model.kind == synthetic
+    stages: list = field(default_factory=list)  # what the stages before fine-tuning did (stages.py)
 
 
 def model_depth(cfg: ModelConfig) -> int:

@@ -8,10 +8,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from safeprobe.cache import cached, key_of
 from safeprobe.config import ModelConfig
 from safeprobe.data.formatting import PromptFormatter, collate, encode
 from safeprobe.methods.losses import task_loss
@@ -44,37 +42,26 @@ def formatter_for(tokenizer) -> PromptFormatter:
     return PromptFormatter(tokenizer, "plain", plain_suffix=PROMPT_SUFFIX)
 
 
-def cache_key(cfg: ModelConfig) -> str:
-    """Hash of all the aligned model depends on: architecture, alignment settings, and the
-    alignment data and vocabulary themselves (so a change of the world's rules re-aligns,
-    and a comment in world.py does not)."""
+def cache_spec(cfg: ModelConfig) -> dict:
+    """All the aligned model depends on: architecture, alignment settings, and the alignment
+    data and vocabulary themselves (so a change of the world's rules re-aligns, and a comment
+    in world.py does not)."""
     world = World(cfg.world)
     data = hashlib.sha256(json.dumps([world.vocab, [(e.prompt, e.response) for e in world.alignment_set()]]).encode())
-    spec = {"version": CACHE_VERSION, "data": data.hexdigest(), "arch": {**DEFAULT_ARCH, **cfg.arch},
+    return {"version": CACHE_VERSION, "data": data.hexdigest(), "arch": {**DEFAULT_ARCH, **cfg.arch},
             "world": dataclasses.asdict(cfg.world), "alignment": dataclasses.asdict(cfg.alignment)}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_key(cfg: ModelConfig) -> str:
+    return key_of(cache_spec(cfg))
 
 
 def aligned_model_dir(cfg: ModelConfig, cache_dir: str | Path) -> Path:
-    """Folder holding the aligned model and its tokenizer; built on first use."""
-    target = Path(cache_dir) / "synthetic" / cache_key(cfg)
-    if (target / "alignment.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        _align(cfg, tmp)
-        try:
-            os.rename(tmp, target)  # atomic: a parallel sweep job may have won the race
-        except OSError:
-            if not (target / "alignment.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Folder holding the aligned model and its tokenizer; built on first use (cache.py)."""
+    return cached(cache_dir, "synthetic", cache_spec(cfg), lambda folder: _align(cfg, folder), marker="alignment.json")
 
 
-def _align(cfg: ModelConfig, out: Path) -> None:
+def _align(cfg: ModelConfig, out: Path) -> dict:
     start = time.time()
     world = World(cfg.world)
     tok = build_tokenizer(world)
@@ -102,7 +89,5 @@ def _align(cfg: ModelConfig, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     seconds = time.time() - start
-    (out / "alignment.json").write_text(json.dumps(
-        {"key": cache_key(cfg), "final_loss": loss.item(), "seconds": round(seconds, 1),
-         "model": dataclasses.asdict(cfg)}, indent=2, default=str))
     log.info("aligned in %.0f s (final loss %.4f) -> cached", seconds, loss.item())
+    return {"final_loss": loss.item(), "seconds": round(seconds, 1), "model": dataclasses.asdict(cfg)}

@@ -1,0 +1,103 @@
+"""Stages around fine-tuning and their cache: built once, reused, rebuilt when an input changes."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from safeprobe.cache import cached, key_of
+from safeprobe.config import validate
+from safeprobe.models.factory import formatter, load_base
+from safeprobe.pipeline import build_splits, run
+from safeprobe.stages import alignment_spec, alignment_stage
+
+
+def test_an_entry_is_built_once_and_reused(tmp_path):
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "weights.bin").write_bytes(b"w")
+        return {"seconds": 1}
+
+    first = cached(tmp_path, "kind", {"a": 1}, build)
+    again = cached(tmp_path, "kind", {"a": 1}, build)
+    other = cached(tmp_path, "kind", {"a": 2}, build)
+    assert first == again != other and len(calls) == 2
+    marker = json.loads((first / "stage.json").read_text())
+    assert marker["key"] == first.name == key_of({"a": 1}) and marker["spec"] == {"a": 1} and marker["seconds"] == 1
+    assert not list((tmp_path / "kind").glob(".building-*"))
+
+
+def test_a_failed_or_interrupted_build_is_never_read(tmp_path):
+    def broken(folder):
+        (folder / "half.bin").write_bytes(b"h")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cached(tmp_path, "kind", {"a": 1}, broken)
+    assert not (tmp_path / "kind" / key_of({"a": 1})).exists() and not list((tmp_path / "kind").glob(".building-*"))
+    stale = tmp_path / "kind" / key_of({"a": 1})
+    stale.mkdir(parents=True)
+    (stale / "half.bin").write_bytes(b"h")  # a folder left without its marker
+    entry = cached(tmp_path, "kind", {"a": 1}, lambda folder: {})
+    assert (entry / "stage.json").exists() and not (entry / "half.bin").exists()
+
+
+def test_parallel_jobs_build_an_entry_once(tmp_path):
+    calls = []
+
+    def slow(folder):
+        calls.append(1)
+        threading.Event().wait(0.3)
+        return {}
+
+    threads = [threading.Thread(target=cached, args=(tmp_path, "kind", {"a": 1}, slow)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+
+
+def stage_inputs(make_cfg, *overrides):
+    c = validate(make_cfg("align=sft", "align.steps=3", *overrides))
+    base = load_base(c.model, c.paths.cache_dir)
+    return c, base, build_splits(base, c), formatter(base, "plain", None)
+
+
+def test_the_alignment_stage_key_covers_its_inputs(make_cfg, micro):
+    c, base, splits, fmt = stage_inputs(make_cfg)
+    key = key_of(alignment_spec(c, splits, fmt))
+    for change in ["align.steps=4", "align.lr=0.01", "align.seed=1", "adapter.r=4", "data.n_alignment=10",
+                   "model.alignment.steps=149", "data.alignment_set=safety_pairs"]:
+        c2, _, splits2, fmt2 = stage_inputs(make_cfg, change)
+        assert key_of(alignment_spec(c2, splits2, fmt2)) != key, change
+    c3, _, splits3, fmt3 = stage_inputs(make_cfg, "seed=5", "method=lisa", "trainer.max_steps=9")  # fine-tuning only
+    assert key_of(alignment_spec(c3, splits3, fmt3)) == key
+
+
+def test_the_alignment_stage_changes_the_starting_model_and_is_cached(make_cfg, micro, monkeypatch):
+    c, base, splits, fmt = stage_inputs(make_cfg)
+    before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    aligned = alignment_stage(base, c, splits, fmt)
+    assert [s["stage"] for s in aligned.stages] == ["alignment"] and aligned.stages[0]["steps"] == 3
+    assert type(aligned.model) is type(base.model)  # the LoRA is merged: a plain model again
+    assert set(dict(aligned.model.named_parameters())) == set(before)
+    assert any(not torch.equal(p, before[n]) for n, p in aligned.model.named_parameters())
+
+    monkeypatch.setattr("safeprobe.stages._train_stage", lambda *a: pytest.fail("a cached stage was trained again"))
+    c, base, splits, fmt = stage_inputs(make_cfg)
+    again = alignment_stage(base, c, splits, fmt)
+    assert all(torch.equal(p, dict(aligned.model.named_parameters())[n]) for n, p in again.model.named_parameters())
+
+
+def test_a_run_with_an_alignment_stage_records_it(make_cfg, micro):
+    results = run(make_cfg("align=sft", "align.steps=3", "method=sft"))
+    (stage,) = results["stages"]
+    assert stage["method"] == "sft" and stage["steps"] == 3 and stage["cache"].endswith(stage["cache"].split("/")[-1])
+    assert results["method_config"] == {"name": "sft"}
+    assert run(make_cfg("method=sft"))["stages"] == []
