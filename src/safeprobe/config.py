@@ -118,7 +118,7 @@ class AdapterConfig:
 
 @dataclass
 class ProbeConfig:
-    """SAP's probe (docs/method.md). eps is the probe radius per layer (the paper's beta)."""
+    """SAP's probe (docs/sap.md). eps is the probe radius per layer (the paper's beta)."""
 
     eps: float = 0.2
     harmful_step: float = 0.1  # delta = harmful_step * ||theta|| * g_hat (the paper's epsilon)

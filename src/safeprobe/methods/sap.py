@@ -1,4 +1,4 @@
-"""SAP: Safety-Aware Probing (arXiv 2505.16737), one training step. See docs/method.md.
+"""SAP: Safety-Aware Probing (arXiv 2505.16737), one training step. See docs/sap.md.
 
 Per batch (task batch B, safety pairs S):
   1. unsafe direction  g_hat = grad_theta L_c / ||grad_theta L_c||, L_c the contrastive

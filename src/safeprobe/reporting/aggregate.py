@@ -80,11 +80,12 @@ def _label(groups: list[Group]) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _link_references(groups: list[Group], fallback: str | None = None) -> None:
-    """Point each non-SFT group at the SFT group with the same settings apart from `method`;
+    """Point each non-SFT group at the SFT group with the same settings apart from `method` and
+    `method.*`;
     groups without one (e.g. an ablation swept apart from its SFT runs) at the group labelled
     `fallback`, when given."""
-    def context(g: Group) -> tuple[str, ...]:
-        return tuple(s for s in g.settings if override_key(s) != "method")
+    def context(g: Group) -> tuple[str, ...]:  # the settings apart from the method and its own keys
+        return tuple(s for s in g.settings if override_key(s).split(".")[0] != "method")
 
     sft = {context(g): g for g in groups if g.method == REFERENCE}
     default = None

@@ -1,0 +1,64 @@
+"""Harmful score against fine-tune accuracy after fine-tuning, one panel per task, each setting a
+point with its 95% intervals over seeds in both directions. Reads a sweep report's summary.csv.
+
+    python benchmarks/defenses_plot.py multirun/defenses/all/summary.csv docs/results/synthetic_defenses.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TASKS = {"synthetic_instruct": "instruction task", "synthetic_classify": "classification task",
+         "synthetic_poison": "instruction task, 10% poison"}
+
+
+def label(setting: str) -> str:
+    parts = [p for p in setting.split(", ") if not p.startswith(("data=", "method.align_steps", "method.finetune_steps"))]
+    return ", ".join(parts).replace("method=", "")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("summary_csv")
+    p.add_argument("out_png")
+    a = p.parse_args()
+    cells: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in csv.DictReader(open(a.summary_csv)):
+        if r["stage"] == "after":
+            cells[r["setting"]][r["metric"]] = r
+    by_task: dict[str, list[str]] = defaultdict(list)
+    for setting in cells:
+        task = next((t for t in TASKS if f"data={t}" in setting), None)
+        if task:
+            by_task[task].append(setting)
+    tasks = [t for t in TASKS if t in by_task]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for i, setting in enumerate(sorted(by_task[task], key=label)):
+            hs, fa = cells[setting].get("harmful_score"), cells[setting].get("fine_tune_accuracy")
+            if not hs or not fa:
+                continue
+            x, y = float(fa["mean"]), float(hs["mean"])
+            xerr = [[x - float(fa["ci95_low"] or x)], [float(fa["ci95_high"] or x) - x]]
+            yerr = [[y - float(hs["ci95_low"] or y)], [float(hs["ci95_high"] or y) - y]]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, color=f"C{i}",
+                        label=f"{label(setting)} (n={hs['n']})")
+        ax.set_title(TASKS[task])
+        ax.set_xlabel("fine-tune accuracy (%)")
+        ax.set_ylabel("harmful score (%, test split)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("after fine-tuning: mean and 95% interval over seeds (lower and to the right is better)")
+    fig.tight_layout()
+    fig.savefig(a.out_png, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
