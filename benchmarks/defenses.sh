@@ -19,8 +19,8 @@ LISA_STEPS="method.align_steps=20 method.finetune_steps=180"  # Lisa's 1:9 alter
 # chosen on validation (grid parts)
 CHOSEN_SAFEINSTR="method.share=0.1"
 CHOSEN_LISA="method.rho=0.01"
-CHOSEN_CSFT="method.beta=0.5"
-CHOSEN_LDIFS="method.rho=0.001"
+CHOSEN_CSFT="method.beta=0.001"
+CHOSEN_LDIFS="method.rho=0.0001"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 part() {  # part <name> <overrides...>
@@ -37,11 +37,13 @@ run_part() {
     grid_safeinstr)   part grid_safeinstr data=synthetic_instruct method=safeinstr method.share=0.03,0.1 $GRID ;;
     grid_lisa)        part grid_lisa data=synthetic_instruct method=lisa $LISA_STEPS method.rho=1.0,0.01 $GRID ;;
     grid_csft)        part grid_csft data=synthetic_instruct method=csft method.beta=0.1,0.5 $GRID ;;
+    grid_csft_low)    part grid_csft_low data=synthetic_instruct method=csft method.beta=0.01,0.001 $GRID ;;
     grid_ldifs)       part grid_ldifs data=synthetic_instruct method=ldifs method.rho=0.0001,0.001 $GRID ;;
     final_safeinstr)  part final_safeinstr data=synthetic_instruct method=safeinstr $CHOSEN_SAFEINSTR $FINAL ;;
     final_lisa)       part final_lisa data=synthetic_instruct method=lisa $LISA_STEPS $CHOSEN_LISA $FINAL ;;
     final_csft)       part final_csft data=synthetic_instruct method=csft $CHOSEN_CSFT $FINAL ;;
     final_ldifs)      part final_ldifs data=synthetic_instruct method=ldifs $CHOSEN_LDIFS $FINAL ;;
+    final_sap_decision) part final_sap_decision data=synthetic_instruct method=sap probe.contrast=decision $FINAL ;;
     tasks_sft)        part tasks_sft data=synthetic_classify,synthetic_poison method=sft $SHORT ;;
     tasks_sap)        part tasks_sap data=synthetic_classify,synthetic_poison method=sap $SHORT ;;
     tasks_sap_random) part tasks_sap_random data=synthetic_classify,synthetic_poison method=sap_random $SHORT ;;
@@ -50,9 +52,9 @@ run_part() {
     tasks_csft)       part tasks_csft data=synthetic_classify,synthetic_poison method=csft $CHOSEN_CSFT $SHORT ;;
     tasks_ldifs)      part tasks_ldifs data=synthetic_classify,synthetic_poison method=ldifs $CHOSEN_LDIFS $SHORT ;;
     report)           python -m safeprobe.reporting --no-wandb "$OUT"/*/ --out "$OUT/all" > /dev/null ;;
-    all)              printf '%s\n' sft grid_safeinstr grid_lisa grid_csft grid_ldifs sap grid_sap sap_random final_safeinstr \
-                        final_lisa final_csft final_ldifs tasks_sft tasks_sap tasks_sap_random tasks_safeinstr tasks_lisa \
-                        tasks_csft tasks_ldifs | xargs -P 2 -I{} bash "$0" {}
+    all)              printf '%s\n' sft grid_safeinstr grid_lisa grid_csft grid_csft_low grid_ldifs sap grid_sap sap_random \
+                        final_safeinstr final_lisa final_csft final_ldifs final_sap_decision tasks_sft tasks_sap \
+                        tasks_sap_random tasks_safeinstr tasks_lisa tasks_csft tasks_ldifs | xargs -P 2 -I{} bash "$0" {}
                       run_part report ;;
     *) echo "unknown part '$1'; see the case list in $0" >&2; exit 2 ;;
   esac

@@ -71,7 +71,8 @@ def test_eval_py_scores_saved_generations_with_other_judges(make_cfg, tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[*args, f"paths.output_dir={tmp_path / 'eval'}"])
     results = evaluate_run(cfg)
-    assert set(results["after"]) == {"harmful_score", "harmful_score/keyword", "harmful_score/beaverdam"}
+    assert set(results["after"]) == {"harmful_score", "harmful_score/keyword", "harmful_score/beaverdam", "refusal_rate",
+                                     "unusable_rate"}
     assert results["eval"]["judges_only"] and results["eval"]["n_harmful"] == 2
     saved = json.loads((tmp_path / "run" / "results.json").read_text())["after"]
     assert results["after"]["harmful_score/keyword"] == saved["harmful_score/keyword"]  # same answers, same judge

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from safeprobe.config import ConfigError, check_cli_overrides
+from safeprobe.config import ConfigError, RunError, check_cli_overrides
 
 
 def config_error(e: Exception) -> None:
@@ -29,10 +29,14 @@ def guarded(fn: Callable, schema: type) -> Callable:
 
 @contextmanager
 def one_line_errors():
-    """Inside a Hydra task: ConfigError -> one line on stderr and exit code 2."""
+    """Inside a Hydra task: ConfigError -> one line on stderr and exit code 2; RunError -> one
+    line and exit code 1."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # tips and banners, not results
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         yield
     except ConfigError as e:
         config_error(e)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -30,6 +30,10 @@ class ConfigError(ValueError):
     """A configuration mistake; its message is one line meant for the user."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (training diverged, a broken model); one line for the user."""
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
@@ -133,8 +137,8 @@ class ProbeConfig:
     def __post_init__(self):
         require(self.eps >= 0, "probe.eps", self.eps, "a number >= 0")
         require(self.harmful_step >= 0, "probe.harmful_step", self.harmful_step, "a number >= 0")
-        require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers), "probe.layers",
-                 list(self.layers), "a non-empty list of decoder-layer indices >= 0")
+        require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers),
+                "probe.layers", list(self.layers), "a non-empty list of distinct decoder-layer indices >= 0")
         require(self.steps >= 1, "probe.steps", self.steps, "an integer >= 1")
         require(self.step_size is None or self.step_size > 0, "probe.step_size", self.step_size,
                  "null or a number > 0")
@@ -154,6 +158,9 @@ class OptimConfig:
     def __post_init__(self):
         require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
+                "two numbers in [0, 1)")
+        require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "null or a number > 0")
 
 
 HUB_TASKS = ("alpaca", "sst2", "agnews", "gsm8k")
@@ -250,6 +257,10 @@ class EvalConfig:
                  "a mapping whose keys are judges: " + ", ".join(JUDGES))
         one_of("eval.split", self.split, ("val", "test"))
         require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        for key in ("n_harmful", "n_task"):
+            require(getattr(self, key) is None or getattr(self, key) >= 1, f"eval.{key}", getattr(self, key),
+                    "null (the whole split) or an integer >= 1")
+        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass
@@ -404,6 +415,23 @@ def method_config(node: Any, path: str = "method") -> Any:
     return _typed(spec.config, node, path)
 
 
+def _check_finite(node: Any, path: str = "") -> None:
+    """Every number in the config is finite: inf or nan would pass the range checks (inf > 0)
+    and silently turn a method into another (e.g. SAP into SFT)."""
+    if isinstance(node, float):
+        require(math.isfinite(node), path, node, "a finite number")
+    elif dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            if f"{path}.{f.name}".lstrip(".") not in _FREE_FORM:
+                _check_finite(getattr(node, f.name), f"{path}.{f.name}".lstrip("."))
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, f"{path}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _check_finite(v, path)
+
+
 def validate(cfg: DictConfig, schema: type = TrainConfig) -> Any:
     """Check `cfg` against `schema`; return the typed dataclass or raise ConfigError."""
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -413,6 +441,7 @@ def validate(cfg: DictConfig, schema: type = TrainConfig) -> Any:
         typed.method = method_config(typed.method)
         if typed.align.method is not None:
             typed.align.method = method_config(typed.align.method, "align.method")
+    _check_finite(typed)
     return typed
 
 

@@ -40,7 +40,8 @@ from safeprobe.stages import alignment_stage, stage_config
 from safeprobe.tracking import environment, finish, log_results, make_loggers, write_json
 
 log = logging.getLogger(__name__)
-METRICS = ("harmful_score", "refusal_margin", "fine_tune_accuracy", "test_loss", "benign_compliance")
+METRICS = ("harmful_score", "refusal_rate", "unusable_rate", "refusal_margin", "fine_tune_accuracy", "test_loss",
+           "benign_compliance")
 
 
 def _hydra_job() -> tuple[str | None, str | None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from safeprobe.config import EvalConfig
+from safeprobe.config import EvalConfig, RunError
 from safeprobe.data.datamodule import Splits
 from safeprobe.data.formatting import (
     IGNORE,
@@ -80,11 +80,20 @@ def _harmful_metrics(model, tokenizer, formatter, harmful: list, cfg: EvalConfig
     return metrics, answers
 
 
+@torch.no_grad()
+def check_finite(model) -> None:
+    """A model with NaN or infinite weights is broken, not safe: refuse to score it."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RunError(f"the model has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); it cannot be evaluated")
+
+
 def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: EvalConfig, max_length: int,
              generations_path: Path | None = None) -> dict[str, float | None]:
     """All metrics for one model. Percentages are 0-100. Generations go to a jsonl file.
     The refusal margin is None when the harmful set has no (safe, harmful) answers, and the
     fine-tune accuracy None for a task without a scorer (its utility is the test loss)."""
+    check_finite(model)
     was_training = model.training
     model.eval()
     harmful = splits.harmful_eval[: cfg.n_harmful]
@@ -106,7 +115,8 @@ def evaluate(model, tokenizer, formatter: PromptFormatter, splits: Splits, cfg: 
     metrics["fine_tune_accuracy"] = None if correct is None else 100.0 * sum(
         correct(a, e.response) for a, e in zip(task_answers, task, strict=True)) / len(task)
     target, n_tokens = _logprobs(model, tokenizer, formatter, [(e.prompt, e.response) for e in task], bs, max_length)
-    metrics["test_loss"] = (-target.nansum() / n_tokens.sum()).item()  # rows that fit
+    fits = n_tokens > 0  # rows whose prompt leaves room for an answer; a NaN among them stays NaN
+    metrics["test_loss"] = (-target[fits].sum() / n_tokens[fits].sum()).item()
     if generations_path is not None:
         generations_path.parent.mkdir(parents=True, exist_ok=True)
         with open(generations_path, "w") as f:

@@ -24,6 +24,7 @@ from typing import ClassVar
 import lightning as L
 import torch
 
+from safeprobe.config import RunError
 from safeprobe.methods.losses import task_loss
 
 
@@ -86,6 +87,9 @@ class FineTuneModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         with self.update_context(batch):
             loss = self.loss(batch)
+            if not torch.isfinite(loss):  # a NaN model must stop here, not be evaluated as "safe"
+                raise RunError(f"training diverged: the {self.method_cfg.name} loss is {loss.item()} at step "
+                               f"{self.global_step + 1}; lower optim.lr or check the data and settings")
             self.manual_backward(loss)
         self.after_backward()
         if self.optim_cfg.grad_clip:

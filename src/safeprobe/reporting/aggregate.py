@@ -15,7 +15,7 @@ from safeprobe.reporting.jobs import Job, collect, override_key
 from safeprobe.reporting.stats import Stat, summarize
 
 STAGES = ("before", "after", "train")
-MAIN_METRICS = ("harmful_score", "refusal_margin", "fine_tune_accuracy", "test_loss")
+MAIN_METRICS = ("harmful_score", "refusal_rate", "unusable_rate", "refusal_margin", "fine_tune_accuracy", "test_loss")
 REFERENCE = "sft"
 
 

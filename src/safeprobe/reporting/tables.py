@@ -10,9 +10,9 @@ from safeprobe.reporting.aggregate import MAIN_METRICS, Group, Summary
 from safeprobe.reporting.jobs import override_key
 from safeprobe.reporting.stats import Stat
 
-TITLES = {"harmful_score": "harmful score (%)", "refusal_margin": "refusal margin",
-          "fine_tune_accuracy": "fine-tune accuracy (%)", "test_loss": "test loss"}
-DECIMALS = {"harmful_score": 1, "fine_tune_accuracy": 1}  # percentages; everything else: 3
+TITLES = {"harmful_score": "harmful score (%)", "refusal_rate": "refusals (%)", "unusable_rate": "unusable (%)",
+          "refusal_margin": "refusal margin", "fine_tune_accuracy": "fine-tune accuracy (%)", "test_loss": "test loss"}
+DECIMALS = {"harmful_score": 1, "refusal_rate": 1, "unusable_rate": 1, "fine_tune_accuracy": 1}  # percentages; else 3
 
 
 def _num(x: float) -> float | None:

@@ -1,0 +1,64 @@
+"""Numbers that stay honest when things break: a diverged or broken model stops the run with
+one line and a non-zero status; it is never evaluated, let alone reported as safe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from safeprobe.config import RunError, validate
+from safeprobe.evaluation.evaluate import check_finite
+from safeprobe.models.factory import load_base
+from tests.conftest import FAST, run_script
+
+
+@pytest.mark.parametrize("method", ["sft", "sap", "lisa"])
+def test_a_diverging_run_stops_with_one_line_and_writes_no_results(tmp_path, cache_dir, micro, method):
+    extra = ["method.align_steps=1", "method.finetune_steps=1"] if method == "lisa" else []
+    proc = run_script("train.py", *FAST, f"method={method}", *extra, "optim.lr=1e30", "trainer.max_steps=4",
+                      "optim.grad_clip=null", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}",
+                      cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"training diverged: the {method} loss is nan at step" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_model_with_non_finite_weights_is_not_evaluated(make_cfg, micro):
+    c = validate(make_cfg())
+    model = load_base(c.model, c.paths.cache_dir).model
+    check_finite(model)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = math.nan
+    with pytest.raises(RunError, match=r"the model has non-finite weights \(1 tensors, e.g. model.embed_tokens.weight\)"):
+        check_finite(model)
+
+
+BAD_VALUES = {
+    "optim.lr=inf": "optim.lr=inf is invalid; allowed: a finite number",
+    "probe.temperature=inf": "probe.temperature=inf is invalid; allowed: a finite number",
+    "probe.harmful_step=inf": "probe.harmful_step=inf is invalid; allowed: a finite number",
+    "probe.eps=nan": "probe.eps=nan is invalid; allowed: a number >= 0",
+    "probe.layers=[2,2]": "probe.layers=[2, 2] is invalid; allowed: a non-empty list of distinct decoder-layer indices",
+    "eval.n_harmful=0": "eval.n_harmful=0 is invalid; allowed: null (the whole split) or an integer >= 1",
+    "eval.n_task=0": "eval.n_task=0 is invalid; allowed: null (the whole split) or an integer >= 1",
+    "eval.batch_size=0": "eval.batch_size=0 is invalid; allowed: an integer >= 1",
+    "optim.betas=[0.9,1.0]": "optim.betas=[0.9, 1.0] is invalid; allowed: two numbers in [0, 1)",
+    "optim.grad_clip=nan": "optim.grad_clip=nan is invalid; allowed: null or a number > 0",
+    "optim.grad_clip=-1": "optim.grad_clip=-1.0 is invalid; allowed: null or a number > 0",
+    "method=lisa method.rho=inf": "method.rho=inf is invalid; allowed: a finite number",
+    "method=ldifs method.drop_above=inf": "method.drop_above=inf is invalid; allowed: a finite number",
+    "align=sft align.lr=inf": "align.lr=inf is invalid; allowed: a finite number > 0",
+}
+
+
+@pytest.mark.parametrize("overrides", BAD_VALUES)
+def test_every_value_is_checked_before_any_work(make_cfg, overrides):
+    from safeprobe.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg(*overrides.split()))
+    assert str(e.value).startswith(BAD_VALUES[overrides]) and "\n" not in str(e.value)
