@@ -4,11 +4,16 @@ one line and a non-zero status; it is never evaluated, let alone reported as saf
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from safeprobe.config import RunError, validate
+from safeprobe.config import PROJECT_ROOT, RunError, validate
 from safeprobe.evaluation.evaluate import check_finite
 from safeprobe.models.factory import load_base
 from tests.conftest import FAST, run_script
@@ -62,3 +67,40 @@ def test_every_value_is_checked_before_any_work(make_cfg, overrides):
     with pytest.raises(ConfigError) as e:
         validate(make_cfg(*overrides.split()))
     assert str(e.value).startswith(BAD_VALUES[overrides]) and "\n" not in str(e.value)
+
+
+def test_json_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from safeprobe.tracking import write_json
+
+    target = tmp_path / "results.json"
+    write_json(target, {"after": 1})
+    real_write = Path.write_text
+
+    def disk_full(self, text, *a, **k):  # writes half, then fails as a full disk does
+        real_write(self, text[: len(text) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(target, {"after": 2})
+    assert target.read_text() == '{\n  "after": 1\n}\n' and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_a_non_zero_status(tmp_path, cache_dir, micro, signum):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(PROJECT_ROOT / "train.py"), *FAST, "trainer.max_steps=100000", "method=sft",
+            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "csv").exists() and time.time() < deadline:  # the loggers exist: past every check
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    name = signal.Signals(signum).name
+    assert len(errors) == 1 and errors[0].startswith(f"error: stopped by {name} while "), err[-2000:]
+    assert errors[0].endswith("no results were written; run the same command again to start over")
+    assert "Traceback" not in err and not (run_dir / "results.json").exists() and (run_dir / "config.yaml").exists()

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from safeprobe.cli import Interrupted
 from safeprobe.config import (
     PROJECT_ROOT,
     ConfigError,
@@ -122,11 +123,13 @@ def run(cfg: DictConfig) -> dict:
 
     group, name = _hydra_job()
     loggers = make_loggers(c.logger, out, to_plain(cfg), group, name)
+    phase, trainer = "evaluating the model before fine-tuning", None
     try:
         results = {"method": c.method.name, "seed": c.seed, "run_dir": str(out), "method_config": to_plain(c.method),
                    "stages": base.stages}
         ev = dict(tokenizer=base.tokenizer, formatter=fmt, splits=splits, cfg=c.eval, max_length=c.data.max_length)
         results["before"] = evaluate(base.model.to(eval_device(c)), **ev) if c.eval.before else None
+        phase = "fine-tuning"
         model = apply_adapter(base.model, c.adapter)
         model.train()  # HF models load in eval mode and Lightning leaves it: no dropout, no gradient checkpointing
         module = build_method(model, c)
@@ -137,6 +140,7 @@ def run(cfg: DictConfig) -> dict:
         results["train"] = {"seconds": round(time.perf_counter() - start, 2), "steps": trainer.global_step,
                             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
                             "dropped_examples": data.dropped}
+        phase = "evaluating the fine-tuned model"
         results["after"] = evaluate(model.to(eval_device(c)), **ev, generations_path=out / "generations.jsonl")
         results["eval"] = {"judges": list(c.eval.judges), "split": c.eval.split,
                            "n_harmful": len(splits.harmful_eval[: c.eval.n_harmful]),
@@ -148,7 +152,10 @@ def run(cfg: DictConfig) -> dict:
         write_json(out / "results.json", results)
         log_results(loggers, results)
         print_table(results)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, Interrupted):
+            steps = f" (after {trainer.global_step} steps)" if trainer and phase == "fine-tuning" else ""
+            e.where = phase + steps
         finish(loggers, failed=True)
         raise
     finish(loggers, failed=False)

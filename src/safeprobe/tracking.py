@@ -93,4 +93,11 @@ def finish(loggers: list[Logger], failed: bool) -> None:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    """Written to a temporary file, then renamed: a reader (or a full disk, or a kill) never
+    leaves a half-written or empty file behind, and a file already there survives a failure."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
