@@ -104,3 +104,27 @@ def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_a_non_zero_status(tmp_p
     assert len(errors) == 1 and errors[0].startswith(f"error: stopped by {name} while "), err[-2000:]
     assert errors[0].endswith("no results were written; run the same command again to start over")
     assert "Traceback" not in err and not (run_dir / "results.json").exists() and (run_dir / "config.yaml").exists()
+
+
+def test_a_bad_value_in_one_sweep_job_fails_that_job_and_the_others_run(tmp_path, cache_dir, micro):
+    sweep = tmp_path / "sweep"
+    proc = run_script("train.py", "-m", "probe.eps=0.1,-1,0.2", *FAST, "trainer.max_steps=1", "eval.n_harmful=2",
+                      "eval.n_task=2", f"paths.cache_dir={cache_dir}", f"paths.root_dir={tmp_path}",
+                      f"hydra.sweep.dir={sweep}", "hydra.callbacks.sweep_report.wandb=false", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the sweep's status says a job failed
+    assert proc.stderr.count("config error: probe.eps=-1.0 is invalid; allowed: a number >= 0") == 1
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
+    assert [j.name.split("_")[0] for j in jobs] == ["0", "1", "2"] and all("probe.eps=" in j.name for j in jobs)
+    assert [(j / "results.json").exists() for j in jobs] == [True, False, True]
+    assert (jobs[1] / "job_error.txt").read_text() == "config error: probe.eps=-1.0 is invalid; allowed: a number >= 0\n"
+    summary = (sweep / "summary.md").read_text()
+    assert "failed: config error: probe.eps=-1.0 is invalid" in summary
+
+
+def test_job_folder_names_stay_unique_and_keep_the_swept_keys():
+    from safeprobe.config import as_dirname
+
+    long = "data.n_train=16,eval.n_task=2,logger=csv,paths.cache_dir=/very/long/" + "x" * 150 + ",probe.eps={}"
+    a, b = as_dirname(long.format(0.1)), as_dirname(long.format(0.2))
+    assert a != b and len(a) == len(b) == 160 and "probe.eps=0.1" in a and "/" not in a
+    assert as_dirname("probe.eps=0.1,seed=0") == "probe.eps=0.1,seed=0" and as_dirname("") == "default"

@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 from safeprobe.config import ConfigError, RunError, check_cli_overrides
 
@@ -15,6 +16,32 @@ from safeprobe.config import ConfigError, RunError, check_cli_overrides
 def config_error(e: Exception) -> None:
     print(f"config error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _sweep_job_dir() -> Path | None:
+    """The job's folder when this process runs a job of a multirun, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    return Path(hc.runtime.output_dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def _fail(line: str, code: int) -> None:
+    """One line on stderr. A single run then exits with `code`; a sweep job records the line in
+    its folder (the sweep report lists it with this reason) and returns, so the other jobs
+    still run and the sweep ends with a non-zero status (reporting/callback.py)."""
+    print(line, file=sys.stderr, flush=True)
+    job_dir = _sweep_job_dir()
+    if job_dir is None:
+        sys.exit(code)
+    from safeprobe.reporting.jobs import ERROR_FILE
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / ERROR_FILE).write_text(line + "\n")
 
 
 def guarded(fn: Callable, schema: type) -> Callable:
@@ -46,7 +73,7 @@ def _stop(signum, frame):
 @contextmanager
 def one_line_errors():
     """Inside a Hydra task: ConfigError -> one line on stderr and exit code 2; RunError -> one
-    line and exit code 1; SIGTERM / Ctrl-C -> one line saying where the run stopped, exit code
+    line and exit code 1 (in a sweep: recorded, and the next job runs, see `_fail`); SIGTERM / Ctrl-C -> one line saying where the run stopped, exit code
     128 + the signal's number (143 / 130), as shells and schedulers expect."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # tips and banners, not results
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -55,11 +82,10 @@ def one_line_errors():
     try:
         yield
     except ConfigError as e:
-        config_error(e)
+        _fail(f"config error: {e}", 2)
     except RunError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except Interrupted as e:
+        _fail(f"error: {e}", 1)
+    except Interrupted as e:  # stops a whole sweep too
         where = f" while {e.where}" if e.where else ""
         print(f"error: stopped by {e}{where}; no results were written; run the same command again to start over",
               file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ unknown option span several lines and do not list what is allowed).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 if not OmegaConf.has_resolver("project_root"):  # conf/paths: never rely on the working directory
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
-if not OmegaConf.has_resolver("as_dirname"):  # conf/hydra: override values may hold '/' (paths, Hub ids)
-    OmegaConf.register_new_resolver("as_dirname", lambda s: str(s).replace("/", "-")[:120] or "default")
+BOOKKEEPING = ("paths.", "logger", "hydra.", "trainer.enable_progress_bar", "eval.before")
+
+
+def as_dirname(override_dirname: str, limit: int = 160) -> str:
+    """A sweep job's folder name from its overrides: '/' made safe, bookkeeping keys last, and a
+    name over `limit` characters cut with a hash of the whole, so names stay unique and the
+    settings that tell jobs apart (the swept keys) stay readable."""
+    items = [o.replace("/", "-") for o in str(override_dirname).split(",") if o]
+    items.sort(key=lambda o: o.lstrip("+~").startswith(BOOKKEEPING))
+    name = ",".join(items) or "default"
+    if len(name) > limit:
+        name = name[: limit - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+if not OmegaConf.has_resolver("as_dirname"):  # conf/hydra/default.yaml: the sweep's job folders
+    OmegaConf.register_new_resolver("as_dirname", as_dirname)
 
 
 class ConfigError(ValueError):

@@ -66,31 +66,36 @@ class SweepReport(Callback):
             log.exception("could not record the failure of a job")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._report()
+        problems = self._report()
+        if problems:  # jobs that stopped with their one line (cli._fail) let the sweep go on; its status says so
+            raise SystemExit(1)
 
     def _report_unfinished(self) -> None:
         if self._pending is not None:
             log.error("multirun ended early (a job failed or it was interrupted): reporting the jobs there are")
             self._report()
 
-    def _report(self) -> None:
+    def _report(self) -> int:
+        """Write the report; the number of jobs without usable results."""
         if self._pending is None:
-            return
+            return 0
         sweep_dir, target = self._pending
         self._pending = None
+        problems = [d for d in find_job_dirs(sweep_dir) if (d / ERROR_FILE).exists()]
         try:
             if not find_job_dirs(sweep_dir):
                 log.warning("sweep report skipped: no job folders under %s", sweep_dir)
-                return
+                return 0
             if target is None:
                 log.info("no W&B summary run (logger.wandb.enabled or hydra.callbacks.sweep_report.wandb is false)")
             summary, written = write_report([sweep_dir], wandb=target)
         except Exception:  # see the module docstring
             log.exception("sweep report failed; the jobs' results are untouched. Retry with: "
                           "python -m safeprobe.reporting %s", sweep_dir)
-            return
+            return len(problems)
         print("\n" + (sweep_dir / "summary.md").read_text(), flush=True)
         log.info("sweep report: %s", ", ".join(map(str, written)))
         if summary.problems:
             log.error("%d job(s) without usable results, listed in %s", len(summary.problems),
                       sweep_dir / "summary.md")
+        return len(summary.problems)
