@@ -128,3 +128,23 @@ def test_job_folder_names_stay_unique_and_keep_the_swept_keys():
     a, b = as_dirname(long.format(0.1)), as_dirname(long.format(0.2))
     assert a != b and len(a) == len(b) == 160 and "probe.eps=0.1" in a and "/" not in a
     assert as_dirname("probe.eps=0.1,seed=0") == "probe.eps=0.1,seed=0" and as_dirname("") == "default"
+
+
+def test_eval_py_says_what_a_run_folder_lacks(make_cfg, micro, tmp_path):
+    from safeprobe.pipeline import run
+
+    run(make_cfg("method=sft", "save_adapter=false", out=tmp_path / "run"))
+    no_adapter = run_script("eval.py", f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path)
+    assert no_adapter.returncode == 2 and "allowed: a run folder holding adapter/" in no_adapter.stderr
+    config = tmp_path / "run" / "config.yaml"
+    text = config.read_text()
+    config.write_text(text[: text.index("\nadapter:")])  # cut short at a line: what was there reads
+    cut = run_script("eval.py", f"run_dir={tmp_path / 'run'}", "judges_only=true", f"hydra.run.dir={tmp_path / 'e2'}",
+                     cwd=tmp_path)
+    assert cut.returncode == 2 and "whose config.yaml is complete (it lacks adapter" in cut.stderr, cut.stderr[-2000:]
+    config.write_text(text[:201] + ": [")  # cut mid-line: not YAML
+    garbled = run_script("eval.py", f"run_dir={tmp_path / 'run'}", "judges_only=true",
+                         f"hydra.run.dir={tmp_path / 'e3'}", cwd=tmp_path)
+    assert garbled.returncode == 2 and "whose config.yaml can be read" in garbled.stderr, garbled.stderr[-2000:]
+    assert "Traceback" not in no_adapter.stderr + cut.stderr + garbled.stderr
+    assert not list(tmp_path.rglob(".cache"))  # nothing was aligned into the working directory

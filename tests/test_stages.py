@@ -101,3 +101,22 @@ def test_a_run_with_an_alignment_stage_records_it(make_cfg, micro):
     assert stage["method"] == "sft" and stage["steps"] == 3 and stage["cache"].endswith(stage["cache"].split("/")[-1])
     assert results["method_config"] == {"name": "sft"}
     assert run(make_cfg("method=sft"))["stages"] == []
+
+
+def test_a_damaged_entry_or_a_leftover_build_is_rebuilt(tmp_path):
+    calls = []
+
+    def build(folder):
+        calls.append(1)
+        (folder / "model.safetensors").write_bytes(b"weights" * 100)
+        return {}
+
+    entry = cached(tmp_path, "kind", {"a": 1}, build)
+    (entry / "model.safetensors").write_bytes(b"weights")  # truncated after the build
+    leftover = tmp_path / "kind" / f".building-{entry.name}-x1"  # a build killed with SIGKILL
+    leftover.mkdir()
+    again = cached(tmp_path, "kind", {"a": 1}, build)
+    assert again == entry and len(calls) == 2 and (entry / "model.safetensors").read_bytes() == b"weights" * 100
+    assert not leftover.exists()
+    cached(tmp_path, "kind", {"a": 1}, build)
+    assert len(calls) == 2  # intact: read, not rebuilt

@@ -195,7 +195,19 @@ def evaluate_run(cfg: DictConfig) -> dict:
     if not e.run_dir or not (Path(e.run_dir) / "config.yaml").exists():
         raise ConfigError(f"run_dir={e.run_dir!r} is invalid; allowed: a run folder holding config.yaml and adapter/")
     run_dir = Path(e.run_dir)
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    try:
+        saved = OmegaConf.load(run_dir / "config.yaml")
+    except Exception as err:  # yaml's and OmegaConf's parse errors
+        raise ConfigError(f"run_dir={e.run_dir!r} is invalid; allowed: a run folder whose config.yaml can be read "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    missing = [k for k in ("model", "adapter", "method", "data", "eval", "paths") if k not in (saved or {})]
+    if missing:  # a cut config would be filled with defaults, and the wrong model evaluated
+        raise ConfigError(f"run_dir={e.run_dir!r} is invalid; allowed: a run folder whose config.yaml is complete "
+                          f"(it lacks {', '.join(missing)})")
+    adapter = run_dir / "adapter"
+    if not e.judges_only and not ((adapter / "adapter_config.json").exists() or (adapter / "config.json").exists()):
+        raise ConfigError(f"run_dir={e.run_dir!r} is invalid; allowed: a run folder holding adapter/ (train.py with "
+                          f"save_adapter=true writes it), or judges_only=true to score its generations.jsonl")
     if given:
         saved.eval = OmegaConf.merge(saved.eval, given)
     c: TrainConfig = validate(saved)
