@@ -120,6 +120,8 @@ class FineTuneModule(L.LightningModule):
                 self.model.train(was_training)
             return
         if not self._frozen_start:
+            if self.global_step > 0:  # the copy must be of the weights before the first update
+                raise RuntimeError("initial_model() under full fine-tuning must first be called before the first update")
             self._frozen_start.append(copy.deepcopy(self.model).eval().requires_grad_(False))
         with torch.no_grad():
             yield self._frozen_start[0]
