@@ -6,8 +6,9 @@
 #   bash benchmarks/defenses.sh grid_safeinstr ...     # some parts
 #   bash benchmarks/defenses.sh all                    # every part, two at a time
 #   DEFENSES_DIR=/somewhere bash benchmarks/defenses.sh ...
-# The chosen settings (CHOSEN_* below) are the ones validation picked in our run; change them
-# if yours picks others. Reports: <part>/summary.md; merged: the `report` part.
+# The chosen settings (CHOSEN_* below) are the ones validation picked in our run
+# (benchmarks/choose_on_val.py; the report part writes its verdict to all/chosen.txt); change
+# them if yours picks others. Reports: <part>/summary.md; merged into all/ by the `report` part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEFENSES_DIR:-multirun/defenses}
@@ -51,7 +52,13 @@ run_part() {
     tasks_lisa)       part tasks_lisa data=synthetic_classify,synthetic_poison method=lisa $LISA_STEPS $CHOSEN_LISA $SHORT ;;
     tasks_csft)       part tasks_csft data=synthetic_classify,synthetic_poison method=csft $CHOSEN_CSFT $SHORT ;;
     tasks_ldifs)      part tasks_ldifs data=synthetic_classify,synthetic_poison method=ldifs $CHOSEN_LDIFS $SHORT ;;
-    report)           python -m safeprobe.reporting --no-wandb "$OUT"/*/ --out "$OUT/all" > /dev/null ;;
+    report)           parts=$(ls -d "$OUT"/*/ | grep -v '/all/$')
+                      python -m safeprobe.reporting --no-wandb $parts --out "$OUT/all" \
+                        --reference "data=synthetic_instruct, method=sft" > /dev/null
+                      python benchmarks/defenses_plot.py "$OUT/all/summary.csv" "$OUT/all/defenses.png"
+                      python benchmarks/outcome_table.py $parts > "$OUT/all/outcomes.md"
+                      python benchmarks/choose_on_val.py --sft "$OUT/sft" "$OUT/grid_safeinstr" "$OUT/grid_lisa" \
+                        "$OUT/grid_csft:$OUT/grid_csft_low" "$OUT/grid_ldifs" "$OUT/sap:$OUT/grid_sap" > "$OUT/all/chosen.txt" ;;
     all)              printf '%s\n' sft grid_safeinstr grid_lisa grid_csft grid_csft_low grid_ldifs sap grid_sap sap_random \
                         final_safeinstr final_lisa final_csft final_ldifs final_sap_decision tasks_sft tasks_sap \
                         tasks_sap_random tasks_safeinstr tasks_lisa tasks_csft tasks_ldifs | xargs -P 2 -I{} bash "$0" {}
