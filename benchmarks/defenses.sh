@@ -56,7 +56,8 @@ run_part() {
                       python -m safeprobe.reporting --no-wandb $parts --out "$OUT/all" \
                         --reference "data=synthetic_instruct, method=sft" > /dev/null
                       python benchmarks/defenses_plot.py "$OUT/all/summary.csv" "$OUT/all/defenses.png"
-                      python benchmarks/outcome_table.py $parts > "$OUT/all/outcomes.md"
+                      python benchmarks/outcome_table.py $parts --reference "data=synthetic_instruct, method=sft" \
+                        > "$OUT/all/outcomes.md"
                       python benchmarks/choose_on_val.py --sft "$OUT/sft" "$OUT/grid_safeinstr" "$OUT/grid_lisa" \
                         "$OUT/grid_csft:$OUT/grid_csft_low" "$OUT/grid_ldifs" "$OUT/sap:$OUT/grid_sap" > "$OUT/all/chosen.txt" ;;
     all)              printf '%s\n' sft grid_safeinstr grid_lisa grid_csft grid_csft_low grid_ldifs sap grid_sap sap_random \
