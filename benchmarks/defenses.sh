@@ -55,7 +55,7 @@ run_part() {
     report)           parts=$(ls -d "$OUT"/*/ | grep -v '/all/$')
                       python -m safeprobe.reporting --no-wandb $parts --out "$OUT/all" \
                         --reference "data=synthetic_instruct, method=sft" > /dev/null
-                      python benchmarks/defenses_plot.py "$OUT/all/summary.csv" "$OUT/all/defenses.png"
+                      python benchmarks/defenses_plot.py "$OUT/all/summary.csv" "$OUT/all/defenses.png" --min-n 20
                       python benchmarks/outcome_table.py $parts --reference "data=synthetic_instruct, method=sft" \
                         > "$OUT/all/outcomes.md"
                       python benchmarks/choose_on_val.py --sft "$OUT/sft" "$OUT/grid_safeinstr" "$OUT/grid_lisa" \

@@ -1,7 +1,7 @@
 """Harmful score against fine-tune accuracy after fine-tuning, one panel per task, each setting a
 point with its 95% intervals over seeds in both directions. Reads a sweep report's summary.csv.
 
-    python benchmarks/defenses_plot.py multirun/defenses/all/summary.csv docs/results/synthetic_defenses.png
+    python benchmarks/defenses_plot.py multirun/defenses/all/summary.csv docs/results/synthetic_defenses.png --min-n 20
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("summary_csv")
     p.add_argument("out_png")
+    p.add_argument("--min-n", type=int, default=1,
+                   help="leave out instruction-task settings with fewer seeds (the grid-only ones)")
     a = p.parse_args()
     cells: dict[str, dict[str, dict]] = defaultdict(dict)
     for r in csv.DictReader(open(a.summary_csv)):
@@ -36,7 +38,8 @@ def main() -> None:
     by_task: dict[str, list[str]] = defaultdict(list)
     for setting in cells:
         task = next((t for t in TASKS if f"data={t}" in setting), None)
-        if task:
+        n = int(cells[setting].get("harmful_score", {}).get("n") or 0)
+        if task and (task != "synthetic_instruct" or n >= a.min_n):
             by_task[task].append(setting)
     tasks = [t for t in TASKS if t in by_task]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 5), squeeze=False)
@@ -48,9 +51,10 @@ def main() -> None:
             x, y = float(fa["mean"]), float(hs["mean"])
             xerr = [[x - float(fa["ci95_low"] or x)], [float(fa["ci95_high"] or x) - x]]
             yerr = [[y - float(hs["ci95_low"] or y)], [float(hs["ci95_high"] or y) - y]]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, color=f"C{i}",
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="osD^v<>"[i % 7], capsize=3, color=f"C{i}",
                         label=f"{label(setting)} (n={hs['n']})")
         ax.set_title(TASKS[task])
+        ax.set_ylim(-5, 105)
         ax.set_xlabel("fine-tune accuracy (%)")
         ax.set_ylabel("harmful score (%, test split)")
         ax.grid(alpha=0.3)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from safeprobe.config import CONF_DIR, validate  # noqa: E402
 from safeprobe.methods import METHODS, build_method, method_spec  # noqa: E402
 from safeprobe.models.factory import apply_adapter, formatter, load_base  # noqa: E402
-from safeprobe.pipeline import build_splits, data_module, data_streams  # noqa: E402
+from safeprobe.pipeline import build_splits, data_module, data_needed  # noqa: E402
 from safeprobe.stages import alignment_stage  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def setup(methods: list[str], overrides: list[str], per_method: dict[str, list[s
     c = cfgs[methods[0]]
     base = load_base(c.model, c.paths.cache_dir)
     # read with the most streams: hub data reads the alignment sets only when a method's streams need them
-    splits = build_splits(base, max(cfgs.values(), key=lambda m: len(data_streams(m))))
+    splits = build_splits(base, max(cfgs.values(), key=lambda m: len(data_needed(m))))
     fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
     base = alignment_stage(base, c, splits, fmt)
     start_model = apply_adapter(base.model, c.adapter)
