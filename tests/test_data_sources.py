@@ -127,6 +127,21 @@ def test_bad_labels_name_the_allowed_ones(tmp_path):
         sources.task_sets(cfg(task="sst2", task_path=str(bad), task_test_path=str(bad)))
 
 
+def test_bad_files_fail_with_one_line_naming_the_file_the_row_and_what_is_expected(tmp_path):
+    numbers = tmp_path / "alpaca.jsonl"
+    numbers.write_text("\n".join(json.dumps({"instruction": i, "input": "", "output": "x"}) for i in range(4)))
+    with pytest.raises(DataSourceError, match=r"row 0 has instruction=0; expected text in column instruction"):
+        sources.task_sets(cfg(task_path=str(numbers), n_test=1, n_train=2))
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"instruction": "q", "input": "", "output": "a"}) + "\n")
+    with pytest.raises(ConfigError, match=r"data.n_test=1 is invalid; allowed: fewer than the 1 rows"):
+        sources.task_sets(cfg(task_path=str(one), n_test=1, n_train=6))
+    safe_only = tmp_path / "safe.jsonl"
+    safe_only.write_text(json.dumps({"prompt": "hi", "response": "hello", "is_safe": True}) + "\n")
+    with pytest.raises(DataSourceError, match="has no harmful rows to evaluate; expected rows with is_safe false"):
+        sources.harmful_eval_set(cfg(harmful_eval_path=str(safe_only)))
+
+
 def test_poison_is_the_unsafe_rows_and_mixes_as_n_and_p():
     c = cfg(poison_ratio=0.2, n_train=10)
     unsafe = [r for r in rows("beavertails_30k_train.jsonl") if not r["is_safe"]]

@@ -45,6 +45,9 @@ AGNEWS_INSTRUCTION = ("Categorize the news article given in the input into one o
 GSM8K_QUESTION_SUFFIX = "\nFirst think step by step and then answer the final number.\n"
 
 
+NON_TEXT = ("label", "is_safe")  # every other column read must hold text
+
+
 class DataSourceError(ConfigError):
     """A data file or Hub data set that is missing or lacks a column; one line for the user."""
 
@@ -104,6 +107,10 @@ def load_table(table: Table, path: str | None, key: str) -> datasets.Dataset:
     missing = [c for c in table.columns if c not in data.column_names]
     if missing:
         raise DataSourceError(f"{where} lacks column(s) {', '.join(missing)}; expected columns {expected}")
+    for column in (c for c in table.columns if c not in NON_TEXT):  # a number or an empty cell would reach the tokenizer
+        bad = next((i for i, v in enumerate(data[column]) if not isinstance(v, str)), None)
+        if bad is not None:
+            raise DataSourceError(f"{where}: row {bad} has {column}={data[column][bad]!r}; expected text in column {column}")
     return data
 
 
@@ -152,8 +159,11 @@ def task_sets(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
         if cfg.n_test is None:
             raise ConfigError(f"data.n_test=None is invalid for data.task={cfg.task}; allowed: an integer >= 1 "
                               "(the task has no test split, so held-out rows are taken from its training split)")
-        test = train.select(range(min(cfg.n_test, len(train))))
-        train = train.select(range(len(test), min(len(test) + cfg.n_train, len(train))))
+        if cfg.n_test >= len(train):
+            raise ConfigError(f"data.n_test={cfg.n_test} is invalid; allowed: fewer than the {len(train)} rows of the "
+                              "task's data, so some are left for training")
+        test = train.select(range(cfg.n_test))
+        train = train.select(range(cfg.n_test, min(cfg.n_test + cfg.n_train, len(train))))
     else:
         test = load_table(task.test, cfg.task_test_path, "data.task_test_path")
         test = test.select(range(min(cfg.n_test or len(test), len(test))))
@@ -161,6 +171,8 @@ def task_sets(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     if not len(train):
         raise ConfigError(f"data.n_test={cfg.n_test} is invalid; allowed: fewer than the {len(test)} rows of the "
                           "task's data, so some are left for training")
+    if len(train) < cfg.n_train:  # the fine-tuning set then cycles through them (mix_training_set)
+        log.warning("the task's data has %d training rows; data.n_train=%d repeats them", len(train), cfg.n_train)
     return [task.example(r) for r in train], [task.example(r) for r in test]
 
 
@@ -195,8 +207,13 @@ def harmful_eval_set(cfg: DataConfig) -> list[SafetyPair]:
     margin needs a safe and a harmful answer: data.refusal and the set's harmful answer."""
     rows = load_table(HARMFUL_EVAL[cfg.harmful_eval], cfg.harmful_eval_path, "data.harmful_eval_path")
     if cfg.harmful_eval == "advbench":
-        return [SafetyPair(r["prompt"], cfg.refusal, r["target"]) for r in rows]
-    return [SafetyPair(r["prompt"], cfg.refusal, r["response"]) for r in rows if not _is_true(r["is_safe"])]
+        pairs = [SafetyPair(r["prompt"], cfg.refusal, r["target"]) for r in rows]
+    else:
+        pairs = [SafetyPair(r["prompt"], cfg.refusal, r["response"]) for r in rows if not _is_true(r["is_safe"])]
+    if not pairs:  # a harmful score over no prompts would be NaN, or worse, read as safe
+        raise DataSourceError(f"data.harmful_eval={cfg.harmful_eval} ({cfg.harmful_eval_path or 'the Hub set'}) has no "
+                              "harmful rows to evaluate; expected rows with is_safe false")
+    return pairs
 
 
 def safety_pairs(cfg: DataConfig) -> list[SafetyPair]:
