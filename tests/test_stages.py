@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,13 @@ def test_a_damaged_entry_or_a_leftover_build_is_rebuilt(tmp_path):
     assert not leftover.exists()
     cached(tmp_path, "kind", {"a": 1}, build)
     assert len(calls) == 2  # intact: read, not rebuilt
+
+
+def test_an_alignment_stage_on_a_real_model_stand_in_merges_its_lora(make_cfg):
+    from tests.standins import fixture_overrides, standin
+
+    overrides = [*fixture_overrides("sst2", standin("llama"), standin("beaverdam")), "experiment=harmful_finetuning_sst2"]
+    results = run(make_cfg(*overrides, "align=sft", "align.steps=2", "align.batch_size=2", "method=sft", fast=False))
+    (stage,) = results["stages"]
+    assert stage["steps"] == 2 and results["train"]["steps"] == 1
+    assert (Path(stage["cache"]) / "weights" / "adapter_config.json").exists()  # the stage's LoRA, merged at load
