@@ -38,7 +38,14 @@ from safeprobe.models.factory import (
     save_adapter,
 )
 from safeprobe.stages import alignment_stage, stage_config
-from safeprobe.tracking import environment, finish, log_results, make_loggers, write_json
+from safeprobe.tracking import (
+    environment,
+    finish,
+    log_results,
+    make_loggers,
+    weights_checksum,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 METRICS = ("harmful_score", "refusal_rate", "unusable_rate", "refusal_margin", "fine_tune_accuracy", "test_loss",
@@ -111,13 +118,16 @@ def run(cfg: DictConfig) -> dict:
     out = Path(c.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    write_json(out / "environment.json", environment(PROJECT_ROOT))  # the code's commit, wherever outputs go
+    env = environment(PROJECT_ROOT)
+    write_json(out / "environment.json", env)  # the code's commit, wherever outputs go
 
     method_spec(c.method.name).module.check_config(c)  # before any work (e.g. probe layers vs depth)
     base = load_base(c.model, c.paths.cache_dir)
     splits = build_splits(base, c)
     fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
     base = alignment_stage(base, c, splits, fmt)
+    env["start_weights_sha256"] = weights_checksum(base.model)  # which starting model, bit for bit
+    write_json(out / "environment.json", env)
     L.seed_everything(c.seed, workers=True)  # after the (possibly cached) alignment stages
     data = data_module(c, base, splits, fmt)
 

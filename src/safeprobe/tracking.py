@@ -30,6 +30,45 @@ def git_commit(root: Path) -> dict:
         return {"commit": None, "dirty": None}
 
 
+# variables that change which kernels run, and so the last bits of every number on a CPU
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
+                    "OPENBLAS_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "CUDA_VISIBLE_DEVICES")
+
+
+def machine() -> dict:
+    """What decides the floating-point path on this machine: CPU model, the SIMD kernels torch
+    picked, threads, and the variables that override them."""
+    import torch
+
+    model = None
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"cpu": model or platform.processor() or None, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "variables": {k: os.environ[k] for k in KERNEL_VARIABLES if k in os.environ}}
+
+
+def weights_checksum(model, max_parameters: int = 500_000_000) -> str | None:
+    """sha256 of the model's parameters and buffers, in name order (None above max_parameters:
+    hashing a 7B model at every start would cost half a minute)."""
+    import hashlib
+
+    import torch
+
+    state = model.state_dict()
+    if sum(t.numel() for t in state.values()) > max_parameters:
+        return None
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def environment(root: Path) -> dict:
     versions = {}
     for name in PACKAGES:
@@ -38,7 +77,7 @@ def environment(root: Path) -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return {"time": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "python": sys.version.split()[0],
-            "platform": platform.platform(), "packages": versions, "git": git_commit(root)}
+            "platform": platform.platform(), "machine": machine(), "packages": versions, "git": git_commit(root)}
 
 
 def wandb_mode(cfg_mode: str | None) -> str:
