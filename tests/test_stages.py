@@ -131,3 +131,9 @@ def test_an_alignment_stage_on_a_real_model_stand_in_merges_its_lora(make_cfg):
     (stage,) = results["stages"]
     assert stage["steps"] == 2 and results["train"]["steps"] == 1
     assert (Path(stage["cache"]) / "weights" / "adapter_config.json").exists()  # the stage's LoRA, merged at load
+
+
+def test_the_fine_tuning_learning_rate_does_not_rebuild_the_alignment_stage(make_cfg, micro):
+    c, _, splits, fmt = stage_inputs(make_cfg)
+    c2, _, splits2, fmt2 = stage_inputs(make_cfg, "optim.lr=0.01")
+    assert key_of(alignment_spec(c, splits, fmt)) == key_of(alignment_spec(c2, splits2, fmt2))

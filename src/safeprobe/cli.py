@@ -73,8 +73,9 @@ def _stop(signum, frame):
 @contextmanager
 def one_line_errors():
     """Inside a Hydra task: ConfigError -> one line on stderr and exit code 2; RunError -> one
-    line and exit code 1 (in a sweep: recorded, and the next job runs, see `_fail`); SIGTERM / Ctrl-C -> one line saying where the run stopped, exit code
-    128 + the signal's number (143 / 130), as shells and schedulers expect."""
+    line and exit code 1 (in a sweep: recorded, and the next job runs, see `_fail`);
+    SIGTERM / Ctrl-C -> one line saying where the run stopped, exit code 128 + the signal's
+    number (143 / 130), as shells and schedulers expect."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # tips and banners, not results
         logging.getLogger(name).setLevel(logging.WARNING)
     main_thread = threading.current_thread() is threading.main_thread()

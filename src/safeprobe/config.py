@@ -438,8 +438,9 @@ def _check_finite(node: Any, path: str = "") -> None:
         require(math.isfinite(node), path, node, "a finite number")
     elif dataclasses.is_dataclass(node):
         for f in dataclasses.fields(node):
-            if f"{path}.{f.name}".lstrip(".") not in _FREE_FORM:
-                _check_finite(getattr(node, f.name), f"{path}.{f.name}".lstrip("."))
+            key = f"{path}.{f.name}".lstrip(".")
+            if key not in _FREE_FORM:
+                _check_finite(getattr(node, f.name), key)
     elif isinstance(node, dict):
         for k, v in node.items():
             _check_finite(v, f"{path}.{k}")

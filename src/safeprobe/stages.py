@@ -52,7 +52,7 @@ def alignment_spec(c: TrainConfig, splits: Splits, fmt) -> dict:
     data = {k: getattr(c.data, k) for k in ("alignment_set", "n_alignment", "alignment_batch_size", "max_length",
                                              "safety_max_length", "prompt_format", "system_prompt", "shuffle_seed")}
     return {"version": STAGE_VERSION, "model": to_plain(c.model), "align": to_plain(c.align),
-            "adapter": to_plain(c.adapter), "optim": to_plain(c.optim), "data": data,
+            "adapter": to_plain(c.adapter), "optim": to_plain(stage_config(c).optim), "data": data,
             "examples": _data_hash(splits, fmt), "precision": c.trainer.precision}
 
 
