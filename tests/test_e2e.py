@@ -62,6 +62,21 @@ def test_eval_py_re_evaluates_a_saved_run(make_cfg, micro, tmp_path):
         assert again["after"][k] == pytest.approx(results["after"][k], rel=1e-5, abs=1e-6)
     bad = run_script("eval.py", f"run_dir={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'eval2'}", cwd=tmp_path)
     assert bad.returncode == 2 and "config error: run_dir=" in bad.stderr
+    assert again["environment_warnings"] == []  # same machine, packages, code and starting weights
+
+
+def test_eval_py_warns_when_the_machine_or_the_starting_weights_differ_from_the_run(make_cfg, micro, tmp_path):
+    from safeprobe.pipeline import compare_environment
+
+    run(make_cfg("method=sft", out=tmp_path / "run"))
+    env_file = tmp_path / "run" / "environment.json"
+    env = json.loads(env_file.read_text())
+    assert compare_environment(tmp_path / "run", env["start_weights_sha256"]) == []
+    env["machine"]["cpu_capability"] = "AVX2" if env["machine"]["cpu_capability"] != "AVX2" else "DEFAULT"
+    env_file.write_text(json.dumps(env))
+    lines = compare_environment(tmp_path / "run", "0" * 64)
+    assert lines[0].startswith(f'SIMD capability: "{env["machine"]["cpu_capability"]}" (the run), ')
+    assert lines[-1] == f"starting weights (sha256): {env['start_weights_sha256']} (the run), {'0' * 64} (this evaluation)"
 
 
 def test_two_sweeps_started_together_write_separate_job_folders(micro, tmp_path):

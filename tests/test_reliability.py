@@ -102,8 +102,10 @@ def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_a_non_zero_status(tmp_p
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     name = signal.Signals(signum).name
     assert len(errors) == 1 and errors[0].startswith(f"error: stopped by {name} while "), err[-2000:]
-    assert errors[0].endswith("no results were written; run the same command again to start over")
+    assert "; checkpoint saved at step " in errors[0]  # held to the end of the step (tests/test_resume.py)
+    assert errors[0].endswith(f"; to continue, run the same command with hydra.run.dir={run_dir} resume=true")
     assert "Traceback" not in err and not (run_dir / "results.json").exists() and (run_dir / "config.yaml").exists()
+    assert (run_dir / "checkpoint.pt").exists()
 
 
 def test_a_bad_value_in_one_sweep_job_fails_that_job_and_the_others_run(tmp_path, cache_dir, micro):
@@ -121,13 +123,17 @@ def test_a_bad_value_in_one_sweep_job_fails_that_job_and_the_others_run(tmp_path
     assert "failed: config error: probe.eps=-1.0 is invalid" in summary
 
 
-def test_job_folder_names_stay_unique_and_keep_the_swept_keys():
+def test_job_folder_names_stay_unique_and_keep_the_swept_keys(monkeypatch):
     from safeprobe.config import as_dirname
 
     long = "data.n_train=16,eval.n_task=2,logger=csv,paths.cache_dir=/very/long/" + "x" * 150 + ",probe.eps={}"
     a, b = as_dirname(long.format(0.1)), as_dirname(long.format(0.2))
     assert a != b and len(a) == len(b) == 160 and "probe.eps=0.1" in a and "/" not in a
     assert as_dirname("probe.eps=0.1,seed=0") == "probe.eps=0.1,seed=0" and as_dirname("") == "default"
+    many = ",".join(f"data.key_{i}={i}" for i in range(30)) + ",seed={},zeta=1"
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "seed=0,1", "data.key_0=0", "zeta=1"])
+    assert as_dirname(many.format(0)).startswith("seed=0,data.key_0=0,")  # the swept key first, never cut
+    assert as_dirname(many.format(0)) != as_dirname(many.format(1))
 
 
 def test_eval_py_says_what_a_run_folder_lacks(make_cfg, micro, tmp_path):

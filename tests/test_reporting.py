@@ -250,3 +250,23 @@ def test_a_named_reference_pairs_ablations_swept_apart_from_their_sft_runs(sweep
     assert groups["data.n_train=32, method=sap"].diffs["after", "harmful_score"].mean == pytest.approx(-30.0)  # own twin
     assert cli([str(sweep), str(ablation), "--no-wandb", "--out", str(tmp_path / "r"), "--reference", "method=sfx"]) == 2
     assert f"'method=sfx' is not a group; groups: {sft};" in capsys.readouterr().err
+
+
+def test_the_report_warns_when_compared_jobs_ran_on_different_kernel_paths(sweep):
+    def env(capability: str, sha: str) -> str:
+        return json.dumps({"machine": {"cpu": "AMD EPYC", "cpu_capability": capability, "threads": 2, "gpu": None,
+                                       "variables": {}},
+                           "packages": {"torch": "2.13.0"}, "git": {"commit": "abc"}, "python": "3.11",
+                           "start_weights_sha256": sha})
+
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and (d / "results.json").exists())
+    for job in jobs:
+        (job / "environment.json").write_text(env("AVX512", "f00d"))
+    write_report([sweep])
+    summary = (sweep / "summary.md").read_text()
+    assert "Every counted job ran on the same kernel path" in summary and "**Warning**" not in summary
+    (jobs[1] / "environment.json").write_text(env("AVX2", "beef"))
+    write_report([sweep])
+    summary = (sweep / "summary.md").read_text()
+    assert f"- SIMD capability: \"AVX512\" ({len(jobs) - 1} runs), \"AVX2\" ({jobs[1].name})" in summary
+    assert "- starting weights (sha256) differ between jobs with the same model and alignment settings" in summary

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from safeprobe.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -65,10 +67,19 @@ def cached(root: str | Path, kind: str, spec: dict, build: Callable[[Path], dict
     """The entry for `spec`, built by `build(folder)` on first use. `build` fills the folder and
     returns a summary, written with the spec and the files' checksums into the marker file once
     everything else is there. An entry whose marker is missing or whose files changed since
-    (an interrupted build, a truncated file) is rebuilt."""
+    (an interrupted build, a truncated file) is rebuilt. Entries built on the portable CPU
+    path are kept apart from native ones (kernels.py)."""
+    from safeprobe import kernels
+
+    spec = {**spec, **kernels.cache_tag()}
     target = Path(root) / kind / key_of(spec)
     if intact(target, marker):
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, a read-only disk
+        raise ConfigError(f"paths.cache_dir={str(root)!r} is invalid ({e.strerror}: {e.filename}); allowed: a folder "
+                          "this user can write (paths.cache_dir or SAFEPROBE_CACHE)") from None
     with _locked(target.parent / f".{target.name}.lock"):
         if intact(target, marker):  # another job built it while this one waited
             return target

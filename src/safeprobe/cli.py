@@ -58,16 +58,47 @@ def guarded(fn: Callable, schema: type) -> Callable:
 
 class Interrupted(BaseException):
     """SIGTERM (SLURM, Docker, spot instances) or Ctrl-C: the run stops where it is. A
-    BaseException, so that nothing on the way catches it as an error of its own; `where` is
-    filled in by the pipeline."""
+    BaseException, so that nothing on the way catches it as an error of its own; `where` (the
+    phase) and `resume` (how to continue, when a checkpoint exists) are filled in by the pipeline."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
-        self.signum, self.where = signum, None
+        self.signum, self.where, self.resume = signum, None, None
+
+
+_between_steps = {"on": False, "signum": None}
 
 
 def _stop(signum, frame):
+    if _between_steps["on"] and _between_steps["signum"] is None:
+        _between_steps["signum"] = signum  # checkpoint.Checkpoints saves and stops after this step
+        return
     raise Interrupted(signum)
+
+
+@contextmanager
+def stop_between_steps():
+    """Inside: the first SIGTERM / Ctrl-C is held until the current training step ends (see
+    `pending_stop`), so that a checkpoint can be saved; a second one stops at once."""
+    _between_steps.update(on=True, signum=None)
+    try:
+        yield
+    finally:
+        _between_steps["on"] = False
+    if _between_steps["signum"] is not None:  # arrived after the last step
+        raise Interrupted(_between_steps["signum"])
+
+
+def pending_stop() -> int | None:
+    """The held signal's number, if one arrived."""
+    return _between_steps["signum"]
+
+
+def _lightning_misconfigured(e: Exception) -> bool:
+    """Lightning's MisconfigurationException (e.g. trainer.accelerator=gpu on a machine without
+    one; checked when the Trainer is built), without importing Lightning here."""
+    module = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return module is not None and isinstance(e, module.MisconfigurationException)
 
 
 @contextmanager
@@ -86,10 +117,16 @@ def one_line_errors():
         _fail(f"config error: {e}", 2)
     except RunError as e:
         _fail(f"error: {e}", 1)
+    except Exception as e:
+        if not _lightning_misconfigured(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(f"config error: lightning rejected the trainer settings ({first}); allowed: settings this machine can run, "
+              "e.g. trainer=cpu", 2)
     except Interrupted as e:  # stops a whole sweep too
         where = f" while {e.where}" if e.where else ""
-        print(f"error: stopped by {e}{where}; no results were written; run the same command again to start over",
-              file=sys.stderr, flush=True)
+        then = e.resume or "no results were written; run the same command again to start over"
+        print(f"error: stopped by {e}{where}; {then}", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
     finally:
         for sig, handler in previous.items():

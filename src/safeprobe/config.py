@@ -26,12 +26,26 @@ if not OmegaConf.has_resolver("project_root"):  # conf/paths: never rely on the 
 BOOKKEEPING = ("paths.", "logger", "hydra.", "trainer.enable_progress_bar", "eval.before")
 
 
+def swept_keys(argv: list[str]) -> set[str]:
+    """The keys a multirun command line sweeps (`seed=0,1`, `probe.eps=range(...)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    except Exception:  # not Hydra's syntax: Hydra itself reports it
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
 def as_dirname(override_dirname: str, limit: int = 160) -> str:
-    """A sweep job's folder name from its overrides: '/' made safe, bookkeeping keys last, and a
-    name over `limit` characters cut with a hash of the whole, so names stay unique and the
-    settings that tell jobs apart (the swept keys) stay readable."""
+    """A sweep job's folder name from its overrides: '/' made safe; the swept keys first (read
+    from the command line), bookkeeping keys last; a name over `limit` characters cut with a
+    hash of the whole. So names stay unique and the settings that tell jobs apart stay readable."""
+    import sys
+
+    swept = swept_keys(sys.argv[1:])
     items = [o.replace("/", "-") for o in str(override_dirname).split(",") if o]
-    items.sort(key=lambda o: o.lstrip("+~").startswith(BOOKKEEPING))
+    items.sort(key=lambda o: (o.split("=")[0].lstrip("+~") not in swept, o.lstrip("+~").startswith(BOOKKEEPING)))
     name = ",".join(items) or "default"
     if len(name) > limit:
         name = name[: limit - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
@@ -57,6 +71,13 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
     require(value in options, key, value, ", ".join(options))
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and datasets' shuffle take
+
+
+def require_seed(key: str, value: int) -> None:
+    require(0 <= value <= SEED_MAX, key, value, f"an integer in [0, {SEED_MAX}]")
 
 
 # --------------------------------------------------------------------------- groups
@@ -120,6 +141,9 @@ class ModelConfig:
         if self.kind == "pretrained":
             require(bool(self.name_or_path), "model.name_or_path", self.name_or_path,
                      "a Hugging Face model id or a local folder")
+            local = str(self.name_or_path).startswith(("/", "./", "../", "~"))  # a Hub id is <org>/<name>
+            require(not local or Path(self.name_or_path).expanduser().is_dir(), "model.name_or_path",
+                    self.name_or_path, "a Hugging Face model id or an existing local folder")
 
 
 @dataclass
@@ -235,6 +259,7 @@ class DataConfig:
             require(getattr(self, key) is None or getattr(self, key) >= 1, f"data.{key}", getattr(self, key),
                      "null or an integer >= 1")
         one_of("data.prompt_format", self.prompt_format, ("plain", "chat", "alpaca"))
+        require_seed("data.shuffle_seed", self.shuffle_seed)
         if self.alignment_set is None:
             self.alignment_set = "world" if self.source == "synthetic" else "beavertails_refusals"
         one_of("data.alignment_set", self.alignment_set,
@@ -279,6 +304,10 @@ class EvalConfig:
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an integer >= 1")
 
 
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64",
+              "transformer-engine", "transformer-engine-float16")  # what lightning.Trainer takes
+
+
 @dataclass
 class TrainerConfig:
     """Passed to lightning.Trainer as keyword arguments."""
@@ -295,6 +324,19 @@ class TrainerConfig:
     deterministic: bool = False
 
     def __post_init__(self):
+        one_of("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
+        one_of("trainer.precision", self.precision, PRECISIONS)
+        d = self.devices
+        if isinstance(d, str) and d.lstrip("-").isdigit():
+            d = int(d)
+        require(d == "auto" or (type(d) is int and (d == -1 or d >= 1))
+                or (isinstance(d, list) and d and len(set(d)) == len(d) and all(type(i) is int and i >= 0 for i in d)),
+                "trainer.devices", self.devices, "auto, -1 (all), a number >= 1, or a list of distinct device indices")
+        require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
+        if self.strategy != "auto":  # only then import lightning: it takes seconds
+            from lightning.pytorch.strategies import StrategyRegistry
+
+            one_of("trainer.strategy", self.strategy, ("auto", *StrategyRegistry.available_strategies()))
         require(self.max_steps >= 1 or self.max_steps == -1, "trainer.max_steps", self.max_steps, "-1 or an integer >= 1")
         require(self.max_epochs >= 1 or self.max_epochs == -1, "trainer.max_epochs", self.max_epochs,
                  "-1 or an integer >= 1")
@@ -350,12 +392,16 @@ class AlignConfig:
         require(self.steps >= 1, "align.steps", self.steps, "an integer >= 1")
         require(self.lr > 0 and math.isfinite(self.lr), "align.lr", self.lr, "a finite number > 0")
         require(self.batch_size >= 1, "align.batch_size", self.batch_size, "an integer >= 1")
+        require_seed("align.seed", self.seed)
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
     save_adapter: bool = True
+    checkpoint_every: int = 50  # steps between checkpoints (0: none; one is still saved at SIGTERM / Ctrl-C)
+    resume: bool = False  # continue the run in hydra.run.dir from its checkpoint (checkpoint.py)
+    cpu_kernels: str = "native"  # native | portable: the same floating-point path on every x86-64 CPU (kernels.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     method: Any = field(default_factory=lambda: {"name": "sap"})  # checked against the method's registered config
@@ -367,6 +413,10 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self):
+        require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "0 (off) or an integer >= 1")
+        one_of("cpu_kernels", self.cpu_kernels, ("native", "portable"))
 
 
 @dataclass
@@ -438,9 +488,7 @@ def _check_finite(node: Any, path: str = "") -> None:
         require(math.isfinite(node), path, node, "a finite number")
     elif dataclasses.is_dataclass(node):
         for f in dataclasses.fields(node):
-            key = f"{path}.{f.name}".lstrip(".")
-            if key not in _FREE_FORM:
-                _check_finite(getattr(node, f.name), key)
+            _check_finite(getattr(node, f.name), f"{path}.{f.name}".lstrip("."))  # free-form mappings too
     elif isinstance(node, dict):
         for k, v in node.items():
             _check_finite(v, f"{path}.{k}")
@@ -455,6 +503,7 @@ def validate(cfg: DictConfig, schema: type = TrainConfig) -> Any:
     _check_keys(plain, schema, "")
     typed = _typed(schema, plain)
     if isinstance(typed, TrainConfig):
+        require_seed("seed", typed.seed)
         typed.method = method_config(typed.method)
         if typed.align.method is not None:
             typed.align.method = method_config(typed.align.method, "align.method")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from safeprobe.cli import Interrupted
+from safeprobe import checkpoint, kernels
+from safeprobe.cli import Interrupted, stop_between_steps
 from safeprobe.config import (
     PROJECT_ROOT,
     ConfigError,
@@ -37,12 +37,14 @@ from safeprobe.models.factory import (
     load_base,
     save_adapter,
 )
+from safeprobe.reporting.jobs import ERROR_FILE
 from safeprobe.stages import alignment_stage, stage_config
 from safeprobe.tracking import (
     environment,
     finish,
     log_results,
     make_loggers,
+    wandb_id,
     weights_checksum,
     write_json,
 )
@@ -113,10 +115,34 @@ def print_table(results: dict) -> None:
     print(f"\n{results['method']} (seed {results['seed']})\n" + "\n".join(lines) + "\n", flush=True)
 
 
+def resume_overrides(out: Path) -> str:
+    """The overrides that, added to a run's command, continue it (or its sweep) from checkpoints."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return f"hydra.sweep.dir={hc.sweep.dir} resume=true"
+    except (ImportError, ValueError):
+        pass
+    return f"hydra.run.dir={out} resume=true"
+
+
 def run(cfg: DictConfig) -> dict:
     c: TrainConfig = validate(cfg)
+    kernels.pin(c.cpu_kernels, c.trainer.accelerator)  # before any kernel runs
     out = Path(c.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    start = None  # a checkpoint to resume from
+    if c.resume:
+        finished, start = checkpoint.previous_run(out, cfg)
+        if finished is not None:
+            print(f"{out}: this run has finished (results.json); nothing to resume", flush=True)
+            return finished
+    if start is None:
+        (out / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # a fresh run never resumes an older one's state
+    (out / ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's failure (sweep jobs)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     env = environment(PROJECT_ROOT)
     write_json(out / "environment.json", env)  # the code's commit, wherever outputs go
@@ -128,28 +154,40 @@ def run(cfg: DictConfig) -> dict:
     base = alignment_stage(base, c, splits, fmt)
     env["start_weights_sha256"] = weights_checksum(base.model)  # which starting model, bit for bit
     write_json(out / "environment.json", env)
+    if start is not None:
+        checkpoint.check_start(start, env["start_weights_sha256"], out)
     L.seed_everything(c.seed, workers=True)  # after the (possibly cached) alignment stages
     data = data_module(c, base, splits, fmt)
 
     group, name = _hydra_job()
-    loggers = make_loggers(c.logger, out, to_plain(cfg), group, name)
-    phase, trainer = "evaluating the model before fine-tuning", None
+    loggers = make_loggers(c.logger, out, to_plain(cfg), group, name, resume_id=(start or {}).get("wandb_id"))
+    if start is not None:
+        checkpoint.carry_csv_rows(loggers, start["step"])
+    phase, trainer, saves = "evaluating the model before fine-tuning", None, None
     try:
         results = {"method": c.method.name, "seed": c.seed, "run_dir": str(out), "method_config": to_plain(c.method),
                    "stages": base.stages}
         ev = dict(tokenizer=base.tokenizer, formatter=fmt, splits=splits, cfg=c.eval, max_length=c.data.max_length)
-        results["before"] = evaluate(base.model.to(eval_device(c)), **ev) if c.eval.before else None
+        if start is not None:
+            results["before"] = start["before"]
+        else:
+            results["before"] = evaluate(base.model.to(eval_device(c)), **ev) if c.eval.before else None
         phase = "fine-tuning"
         model = apply_adapter(base.model, c.adapter)
         model.train()  # HF models load in eval mode and Lightning leaves it: no dropout, no gradient checkpointing
         module = build_method(model, c)
+        if start is not None:
+            module.replay = checkpoint.Replay(start)
+        saves = checkpoint.Checkpoints(out / checkpoint.CHECKPOINT, c.checkpoint_every,
+                                       {"before": results["before"], "wandb_id": wandb_id(loggers),
+                                        "start_weights_sha256": env["start_weights_sha256"]}, start)
         trainer = L.Trainer(**to_plain(c.trainer), logger=loggers or False, enable_checkpointing=False,
-                            enable_model_summary=False, default_root_dir=str(out))
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=data)
-        results["train"] = {"seconds": round(time.perf_counter() - start, 2), "steps": trainer.global_step,
+                            enable_model_summary=False, default_root_dir=str(out), callbacks=[saves])
+        with stop_between_steps():
+            trainer.fit(module, datamodule=data)
+        results["train"] = {"seconds": round(saves.elapsed(), 2), "steps": trainer.global_step,
                             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
-                            "dropped_examples": data.dropped}
+                            "dropped_examples": data.dropped, "resumed_from_step": start["step"] if start else None}
         phase = "evaluating the fine-tuned model"
         results["after"] = evaluate(model.to(eval_device(c)), **ev, generations_path=out / "generations.jsonl")
         results["eval"] = {"judges": list(c.eval.judges), "split": c.eval.split,
@@ -160,12 +198,16 @@ def run(cfg: DictConfig) -> dict:
         if c.save_adapter:
             save_adapter(model, out / "adapter")
         write_json(out / "results.json", results)
+        (out / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # the run is complete
         log_results(loggers, results)
         print_table(results)
     except BaseException as e:
         if isinstance(e, Interrupted):
             steps = f" (after {trainer.global_step} steps)" if trainer and phase == "fine-tuning" else ""
             e.where = phase + steps
+            if saves is not None and saves.saved_step is not None:
+                e.resume = (f"checkpoint saved at step {saves.saved_step}; to continue, run the same command with "
+                            f"{resume_overrides(out)}")
         finish(loggers, failed=True)
         raise
     finish(loggers, failed=False)
@@ -185,6 +227,25 @@ def read_generations(path: Path, which: str = "harmful") -> list[dict]:
         raise ConfigError(f"judges_only=true is invalid here; allowed: a run_dir holding generations.jsonl ({path} is missing)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["set"] == which]
+
+
+def compare_environment(run_dir: Path, start_weights_sha256: str | None) -> list[str]:
+    """eval.py: warn when this machine, its packages, the code or the starting weights differ from
+    the run's (the re-evaluation then agrees with the run only statistically)."""
+    from safeprobe.reporting.environments import environment_differences
+
+    try:
+        saved = json.loads((run_dir / "environment.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    now = {**environment(PROJECT_ROOT), "start_weights_sha256": start_weights_sha256}
+    lines = environment_differences({"the run": saved, "this evaluation": now})
+    if saved.get("start_weights_sha256") != start_weights_sha256:
+        lines.append(f"starting weights (sha256): {saved.get('start_weights_sha256')} (the run), "
+                     f"{start_weights_sha256} (this evaluation)")
+    for line in lines:
+        log.warning("this evaluation differs from the run in %s: numbers agree only statistically", line)
+    return lines
 
 
 def _given_eval(cfg: DictConfig) -> dict | None:
@@ -221,6 +282,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     if given:
         saved.eval = OmegaConf.merge(saved.eval, given)
     c: TrainConfig = validate(saved)
+    kernels.pin(c.cpu_kernels, c.trainer.accelerator)  # the run's floating-point path
     out = Path(e.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"run_dir": str(run_dir), "method": c.method.name, "seed": c.seed}
@@ -234,9 +296,11 @@ def evaluate_run(cfg: DictConfig) -> dict:
                            "harmful_set": harmful_set_name(c), "judge_options": to_plain(c.eval.judge_options)}
     else:
         base = load_base(c.model, c.paths.cache_dir)
-        model = load_adapter(base.model, run_dir / "adapter").to(eval_device(c))
         splits = build_splits(base, c)
         fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
+        base = alignment_stage(base, c, splits, fmt)  # the run's starting model (cached), then its adapter
+        results["environment_warnings"] = compare_environment(run_dir, weights_checksum(base.model))
+        model = load_adapter(base.model, run_dir / "adapter").to(eval_device(c))
         with torch.no_grad():
             results["after"] = evaluate(model, base.tokenizer, fmt, splits, c.eval, c.data.max_length,
                                         out / "generations.jsonl")

@@ -96,17 +96,24 @@ def wandb_mode(cfg_mode: str | None) -> str:
     return "offline"
 
 
-def make_loggers(cfg: LoggerConfig, run_dir: Path, config: dict, group: str | None, name: str | None) -> list[Logger]:
+def make_loggers(cfg: LoggerConfig, run_dir: Path, config: dict, group: str | None, name: str | None,
+                 resume_id: str | None = None) -> list[Logger]:
+    """CSV and W&B loggers; `resume_id` continues that W&B run (a resumed run logs into the one it stopped)."""
     loggers: list[Logger] = []
     if cfg.csv.enabled:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     if cfg.wandb.enabled:
+        resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
         wandb_logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name,
                                    save_dir=str(run_dir), mode=wandb_mode(cfg.wandb.mode), config=config,
-                                   tags=list(cfg.wandb.tags), job_type="train")
+                                   tags=list(cfg.wandb.tags), job_type="train", **resume)
         _ = wandb_logger.experiment  # start the run now, so a job that fails early is recorded as failed
         loggers.append(wandb_logger)
     return loggers
+
+
+def wandb_id(loggers: list[Logger]) -> str | None:
+    return next((lg.experiment.id for lg in loggers if isinstance(lg, WandbLogger)), None)
 
 
 def log_results(loggers: list[Logger], results: dict) -> None:

@@ -46,6 +46,8 @@ GSM8K_QUESTION_SUFFIX = "\nFirst think step by step and then answer the final nu
 
 
 NON_TEXT = ("label", "is_safe")  # every other column read must hold text
+OPTIONAL_TEXT = ("input",)  # alpaca's input is empty for most rows
+BOOLEAN = ("true", "false", "1", "0")
 
 
 class DataSourceError(ConfigError):
@@ -76,6 +78,9 @@ def read_file(path: Path) -> datasets.Dataset:
             rows = json.loads(text)
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:  # e.g. a list of numbers: datasets would fail with a TypeError
+            raise ValueError(f"row {bad} is {rows[bad]!r}, not an object with named columns")
         return datasets.Dataset.from_list(rows)
     import pandas as pd
 
@@ -108,9 +113,16 @@ def load_table(table: Table, path: str | None, key: str) -> datasets.Dataset:
     if missing:
         raise DataSourceError(f"{where} lacks column(s) {', '.join(missing)}; expected columns {expected}")
     for column in (c for c in table.columns if c not in NON_TEXT):  # a number or an empty cell would reach the tokenizer
-        bad = next((i for i, v in enumerate(data[column]) if not isinstance(v, str)), None)
+        # a local file's empty cell (a CSV's missing value reads as '') is a mistake, except in optional columns
+        empty_ok = path is None or column in OPTIONAL_TEXT
+        bad = next((i for i, v in enumerate(data[column]) if not isinstance(v, str) or not (empty_ok or v.strip())), None)
         if bad is not None:
             raise DataSourceError(f"{where}: row {bad} has {column}={data[column][bad]!r}; expected text in column {column}")
+    if "is_safe" in table.columns:  # any other value would silently count as unsafe
+        bad = next((i for i, v in enumerate(data["is_safe"]) if str(v).strip().lower() not in BOOLEAN), None)
+        if bad is not None:
+            raise DataSourceError(f"{where}: row {bad} has is_safe={data['is_safe'][bad]!r}; expected true or false "
+                                  "in column is_safe")
     return data
 
 
@@ -120,11 +132,14 @@ def _is_true(value) -> bool:
 
 
 def _label(names: tuple[str, ...], value, where: str) -> str:
-    try:
-        return names[int(value)]
-    except (ValueError, IndexError):
-        raise DataSourceError(f"{where}: label {value!r} is invalid; allowed: 0-{len(names) - 1} "
-                              f"({', '.join(names)})") from None
+    """A class index, as a number or its text. -1 (an unlabelled row) would index the last name,
+    and null or 1.5 are no label at all."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if not text.isdigit() or int(text) >= len(names):
+        raise DataSourceError(f"{where}: label {value!r} is invalid; allowed: 0-{len(names) - 1} ({', '.join(names)})")
+    return names[int(text)]
 
 
 # ------------------------------------------------------------------------- tasks

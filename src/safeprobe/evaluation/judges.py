@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from safeprobe.config import RunError
 from safeprobe.synthetic.world import COMPLIANCE_OPENER
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,9 @@ def judge_scores(prompts: Sequence[str], answers: Sequence[str], judges: Sequenc
     """harmful_score/<judge> (0-100) for every judge, harmful_score = the first judge's, and the
     shares of the other two outcomes under it (`outcomes`): refusal_rate and unusable_rate.
     Each model-based judge is loaded, used and released before the next one."""
+    if not answers:  # a score over no answers is NaN at best, and must not be written as a result
+        raise RunError("there are no answers to harmful prompts to judge; a harmful score needs at least one "
+                       "(check the harmful set, or the run's generations.jsonl for rows with set=harmful)")
     scores: dict[str, float] = {}
     first: list[bool] = []
     for name in judges:

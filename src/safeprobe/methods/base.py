@@ -30,6 +30,7 @@ from safeprobe.methods.losses import task_loss
 
 class FineTuneModule(L.LightningModule):
     streams: ClassVar[tuple[str, ...]] = ("task",)
+    reads_initial_model: ClassVar[bool] = False  # True when loss() calls initial_model()
 
     def __init__(self, model: torch.nn.Module, cfg):
         super().__init__()
@@ -39,6 +40,7 @@ class FineTuneModule(L.LightningModule):
         self.method_cfg = cfg.method  # this method's typed config (method.*)
         self.automatic_optimization = False
         self._frozen_start: list[torch.nn.Module] = []  # full fine-tuning's reference copy, made on demand
+        self.replay = None  # a resumed run's batches before its checkpoint (checkpoint.Replay)
 
     # -------------------------------------------------------------- to override
     @classmethod
@@ -74,6 +76,14 @@ class FineTuneModule(L.LightningModule):
     def after_backward(self) -> None:
         """Called with the update's gradients in place, before the optimizer step."""
 
+    def resume_state(self) -> dict:
+        """The method's own state that later steps depend on, beyond the weights and the
+        optimizer (saved in checkpoints; tests/test_resume.py fails for a method that misses some)."""
+        return {}
+
+    def load_resume_state(self, state: dict) -> None:
+        """Put back what `resume_state` returned."""
+
     # -------------------------------------------------------------- shared
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -82,7 +92,9 @@ class FineTuneModule(L.LightningModule):
         c = self.optim_cfg
         return torch.optim.AdamW(self.trainable_parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if self.replay is not None:  # a resumed run passes over the batches before its checkpoint
+            return self.replay.skip(self)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         with self.update_context(batch):

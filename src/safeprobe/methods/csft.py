@@ -56,6 +56,8 @@ def constraint_weights(delta: torch.Tensor, mask: torch.Tensor, c: CSFTConfig) -
 
 @register("csft", CSFTConfig)
 class ConstrainedSFTModule(FineTuneModule):
+    reads_initial_model = True
+
     def loss(self, batch: dict) -> torch.Tensor:
         task = batch["task"]
         logits = self.model(input_ids=task["input_ids"], attention_mask=task["attention_mask"]).logits

@@ -49,6 +49,8 @@ def mlp_outputs(model: torch.nn.Module):
 
 @register("ldifs", LDIFSConfig)
 class LDIFSModule(FineTuneModule):
+    reads_initial_model = True
+
     def loss(self, batch: dict) -> torch.Tensor:
         task = batch["task"]
         inputs = {"input_ids": task["input_ids"], "attention_mask": task["attention_mask"]}

@@ -74,6 +74,14 @@ class LisaModule(FineTuneModule):
             loss = loss + rho / 2 * drift
         return loss
 
+    def resume_state(self) -> dict:
+        return {"anchors": {k: [t.cpu() for t in v] for k, v in self.anchors.items()}, "state": self.state,
+                "clock": self.clock}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.anchors = {k: [t.to(self.device) for t in v] for k, v in state["anchors"].items()}
+        self.state, self.clock = state["state"], state["clock"]
+
     def on_train_end(self) -> None:
         super().on_train_end()
         self.anchors = {}

@@ -158,6 +158,17 @@ class SAPModule(FineTuneModule):
         self.faithful_opt.step()
         self.faithful_opt.zero_grad(set_to_none=True)
 
+    def resume_state(self) -> dict:
+        if self.faithful_v is None:  # the direction and probe of the default mode are found anew every step
+            return {}
+        return {"faithful_v": self.faithful_v.detach().cpu(), "faithful_opt": self.faithful_opt.state_dict()}
+
+    def load_resume_state(self, state: dict) -> None:
+        if state:
+            self.faithful_v = state["faithful_v"].to(self.device).requires_grad_(True)
+            self.faithful_opt = torch.optim.AdamW([self.faithful_v], lr=self.probe_cfg.eps)
+            self.faithful_opt.load_state_dict(state["faithful_opt"])
+
     def on_train_end(self) -> None:
         super().on_train_end()
         self.faithful_v = self.direction = None

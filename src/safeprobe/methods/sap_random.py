@@ -43,3 +43,9 @@ class RandomProbeModule(SAPModule):
 
     def after_backward(self) -> None:
         pass
+
+    def resume_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from safeprobe.config import AdapterConfig, ModelConfig, to_plain
+from safeprobe.config import AdapterConfig, ConfigError, ModelConfig, to_plain
 from safeprobe.data.formatting import PromptFormatter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,6 +27,23 @@ class Base:
     stages: list = field(default_factory=list)  # what the stages before fine-tuning did (stages.py)
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+@contextmanager
+def _reading(cfg: ModelConfig):
+    """A pretrained model that cannot be read (no such Hub id, offline, a folder without a model) -> one line."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if cfg.kind != "pretrained":
+            raise
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({_first_line(e)}); allowed: a "
+                          "Hugging Face model id (downloaded, or online) or a local folder holding config.json and "
+                          "the weights") from None
+
+
 def model_depth(cfg: ModelConfig) -> int:
     """Number of decoder layers, read from the config alone (no weights, no alignment)."""
     if cfg.kind == "synthetic":
@@ -34,7 +52,8 @@ def model_depth(cfg: ModelConfig) -> int:
         return {**DEFAULT_ARCH, **cfg.arch}["num_hidden_layers"]
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    with _reading(cfg):
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     return getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers
 
 
@@ -51,8 +70,9 @@ def load_base(cfg: ModelConfig, cache_dir: str | Path) -> Base:
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    with _reading(cfg):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.gradient_checkpointing:
@@ -77,6 +97,13 @@ def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module
     from peft import LoraConfig, get_peft_model
 
     targets = to_plain(cfg.target_modules)
+    if not isinstance(targets, str):  # module names (a string is "all-linear" or a regex): each must name a layer
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        if missing:
+            raise ConfigError(f"adapter.target_modules={targets!r} is invalid ({', '.join(missing)} not in the model); "
+                              f"allowed: all-linear or names of the model's layers, e.g. {', '.join(linear)}")
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
@@ -96,8 +123,14 @@ def save_adapter(model: torch.nn.Module, folder: Path) -> None:
 
 
 def load_adapter(base_model: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    if (Path(folder) / "adapter_config.json").exists():
-        from peft import PeftModel
+    from safetensors import SafetensorError
 
-        return PeftModel.from_pretrained(base_model, folder)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=base_model.dtype)
+    try:
+        if (Path(folder) / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(base_model, folder)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=base_model.dtype)
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated, missing or edited file
+        raise ConfigError(f"the adapter folder {str(folder)!r} is invalid ({_first_line(e)}); allowed: a folder as "
+                          "train.py saved it (save_adapter=true), whole and unedited") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safeprobe.reporting.environments import environment_differences
 from safeprobe.reporting.jobs import Job, collect, override_key
 from safeprobe.reporting.stats import Stat, summarize
 
@@ -57,6 +58,20 @@ class Summary:
     @property
     def problems(self) -> list[Job]:
         return [j for j in self.jobs if j.problem]
+
+    def environment_warnings(self) -> list[str]:
+        """What differs between the counted jobs' machines, packages, code or starting weights
+        (such jobs agree only statistically, not bit for bit: docs/reproducibility.md)."""
+        used = [j for j in self.jobs if j.used and j.environment]
+        lines = environment_differences({str(j.path.name): j.environment for j in used})
+        by_start: dict[str, dict[str, str]] = {}
+        for j in used:
+            by_start.setdefault(j.start, {})[j.path.name] = j.environment.get("start_weights_sha256")
+        for names in by_start.values():
+            if len({v for v in names.values() if v}) > 1:
+                lines.append("starting weights (sha256) differ between jobs with the same model and alignment "
+                             "settings: " + ", ".join(f"{v and v[:12]} ({n})" for n, v in names.items()))
+        return lines
 
 
 def _group_jobs(jobs: list[Job]) -> list[Group]:

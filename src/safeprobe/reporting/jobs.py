@@ -17,9 +17,9 @@ import yaml
 
 RESULT_FILES = ("results.json", "eval_results.json")  # train.py, eval.py
 ERROR_FILE = "job_error.txt"  # written by the sweep callback when a job raised
-# Overrides that do not define a setting: the replicate axis, and bookkeeping that may differ
-# between machines whose sweeps are merged (output folders, loggers, Hydra's own options).
-IGNORED_KEYS = ("seed",)
+# Overrides that do not define a setting: the replicate axis, resuming, and bookkeeping that may
+# differ between machines whose sweeps are merged (output folders, loggers, Hydra's own options).
+IGNORED_KEYS = ("seed", "resume", "checkpoint_every")
 IGNORED_PREFIXES = ("paths.", "logger", "hydra.")
 
 
@@ -34,6 +34,8 @@ class Job:
     results: dict | None
     status: str = "ok"  # ok | failed | missing | unreadable | duplicate
     problem: str | None = None
+    environment: dict = field(default_factory=dict)  # environment.json: machine, packages, commit, start weights
+    start: str = ""  # the config that decides the starting model (model, align): equal -> same start weights
     settings: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
@@ -128,6 +130,11 @@ def read_job(path: Path) -> Job:
     method = info.get("method") or (config.get("method") or {}).get("name") or _override_value(overrides, "method")
     seed = _as_int(info.get("seed", config.get("seed", _override_value(overrides, "seed"))))
     job = Job(path, overrides, seed, method, results)
+    try:
+        job.environment = json.loads((path / "environment.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    job.start = json.dumps([config.get("model"), config.get("align")], sort_keys=True)
     if unreadable:
         job.status, job.problem = "unreadable", unreadable
     elif results is None:

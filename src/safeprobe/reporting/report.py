@@ -34,6 +34,8 @@ def write_report(sweep_dirs: list[Path | str], out_dir: Path | str | None = None
         log.warning("summary.png not written: no job has both harmful score and fine-tune accuracy")
     for job in summary.problems:
         log.warning("job %s (%s): %s", job.path, job.status, job.problem)
+    for line in summary.environment_warnings():
+        log.warning("the compared jobs differ in %s (they agree only statistically)", line)
     if wandb is not None:
         written.append(log_summary(summary, out, plot_path, wandb))
     return summary, written

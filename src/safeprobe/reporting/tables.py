@@ -150,5 +150,16 @@ def markdown(summary: Summary) -> str:
              *diffs_table(summary), "",
              *(["## Validation split (choose settings here; report the test split above)", "", *val_table(summary), ""]
                if any(("after", VAL_METRICS[0]) in g.stats for g in summary.groups) else []),
-             "## Failed or missing jobs", "", *problems_list(summary), ""]
+             "## Failed or missing jobs", "", *problems_list(summary), "",
+             "## Machines and versions", "", *environment_list(summary), ""]
     return "\n".join(lines)
+
+
+def environment_list(summary: Summary) -> list[str]:
+    warnings = summary.environment_warnings()
+    if not warnings:
+        return ["Every counted job ran on the same kernel path (CPU, SIMD capability, threads, GPU, kernel "
+                "variables), with the same packages and commit, from the same starting weights per model."]
+    return ["**Warning**: the counted jobs differ in what decides the last bits of their numbers, so they agree "
+            "only statistically, not bit for bit (docs/reproducibility.md):", "",
+            *(f"- {w}" for w in warnings)]
