@@ -23,10 +23,14 @@ CHOSEN_LISA="method.rho=0.01"
 CHOSEN_CSFT="method.beta=0.001"
 CHOSEN_LDIFS="method.rho=0.0001"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# docs/results/synthetic.md section 0 ran on the native AVX-512 path (before cpu_kernels existed);
+# KERNELS=portable gives numbers every x86-64 CPU reproduces bit for bit (docs/reproducibility.md)
+KERNELS=${KERNELS:-native}
 
 part() {  # part <name> <overrides...>
   local name=$1; shift
-  python train.py -m "$@" eval.before=false logger=csv trainer.enable_progress_bar=false hydra.sweep.dir="$OUT/$name"
+  python train.py -m "$@" cpu_kernels=$KERNELS eval.before=false logger=csv trainer.enable_progress_bar=false \
+    hydra.sweep.dir="$OUT/$name"
 }
 
 run_part() {

@@ -10,7 +10,8 @@ cache folder, so the aligned model is built under that setting too. One machine 
 another's SIMD level by lowering ATEN_CPU_CAPABILITY (not raising it). Prints, per setting,
 the starting model's checksum and its before-fine-tuning numbers, each job's after numbers, and
 the time of the first job (which builds the aligned model) and of the others; a markdown table
-for docs/reproducibility.md. Numbers identical to the first setting's are marked `=`.
+for docs/reproducibility.md. Numbers identical to the first setting's are marked `=`. With
+--keep, jobs whose folder already holds results.json are read, not run again.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NATIVE = ["cpu_kernels=native"]
 SETTINGS = {  # name -> (environment, train.py overrides)
-    "native": ({}, []),
-    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2"}, []),
-    "default": ({"ATEN_CPU_CAPABILITY": "default"}, []),
-    "mkl-compatible": ({"MKL_CBWR": "COMPATIBLE"}, []),
-    "1-thread": ({"OMP_NUM_THREADS": "1"}, []),
+    "native": ({}, NATIVE),
+    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2"}, NATIVE),
+    "default": ({"ATEN_CPU_CAPABILITY": "default"}, NATIVE),
+    "mkl-compatible": ({"MKL_CBWR": "COMPATIBLE"}, NATIVE),
+    "1-thread": ({"OMP_NUM_THREADS": "1"}, NATIVE),
     "portable": ({}, ["cpu_kernels=portable"]),
     # what the portable path must be immune to: another machine's SIMD level and MKL path
     "portable-avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}, ["cpu_kernels=portable"]),
@@ -41,12 +43,16 @@ QUIET = ["logger=csv", "trainer.enable_progress_bar=false", "save_adapter=false"
 def job(setting: tuple[dict, list[str]], cache: Path, out: Path, args: list[str]) -> tuple[dict, float]:
     env = {**os.environ, **setting[0], "SAFEPROBE_CACHE": str(cache), "WANDB_MODE": "offline"}
     args = [*args, *setting[1]]
+    if (out / "results.json").is_file():  # --keep: a job an earlier call finished (its time is not known)
+        return {**json.loads((out / "results.json").read_text()),
+                "environment": json.loads((out / "environment.json").read_text())}, float("nan")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *QUIET, *args, f"hydra.run.dir={out}"], env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode:
-        sys.exit(f"train.py failed under {setting}: {proc.stderr.strip().splitlines()[-1]}")
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+        sys.exit(f"train.py failed under {setting}: {lines[-1] if lines else proc.returncode}")
     results = json.loads((out / "results.json").read_text())
     results["environment"] = json.loads((out / "environment.json").read_text())
     return results, seconds

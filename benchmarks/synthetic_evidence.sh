@@ -10,9 +10,12 @@ cd "$(dirname "$0")/.."
 OUT=${EVIDENCE_DIR:-multirun/evidence}
 SEEDS=seed=0,1,2,3,4
 
+KERNELS=${KERNELS:-native}  # the published sections ran natively (docs/reproducibility.md)
+
 part() {  # part <name> <overrides...>
   local name=$1; shift
-  python train.py -m "$@" $SEEDS logger=csv trainer.enable_progress_bar=false hydra.sweep.dir="$OUT/$name"
+  python train.py -m "$@" $SEEDS cpu_kernels=$KERNELS logger=csv trainer.enable_progress_bar=false \
+    hydra.sweep.dir="$OUT/$name"
 }
 
 run_part() {

@@ -14,15 +14,21 @@ import pytest
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
                   WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from safeprobe.config import CONF_DIR, PROJECT_ROOT  # noqa: E402
 
+# The test process computes on the native kernel path (cpu_kernels=auto then stays native in
+# it); runs in subprocesses are told to, so their numbers compare with in-process ones.
+# tests/test_reproducibility.py covers the portable path.
+torch.backends.cpu.get_cpu_capability()
+
 # small and fast: the micro world, a few steps, a few eval prompts, CSV logging only
 FAST = ["model=synthetic_micro", "logger=csv", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1", "data.n_train=32", "data.batch_size=8", "data.safety_batch_size=4",
-        "eval.n_harmful=8", "eval.n_task=8", "eval.max_new_tokens=20"]
+        "eval.n_harmful=8", "eval.n_task=8", "eval.max_new_tokens=20", "cpu_kernels=native"]
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,8 @@ ANOTHER_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}  # what an AVX
 def train(tmp_path: Path, name: str, env: dict, *overrides: str) -> tuple[dict, dict]:
     """A run with its own cache (the aligned model is built on this path too)."""
     run_dir = tmp_path / name
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "train.py"), *FAST, "method=sap", "trainer.max_steps=4",
+    fast = [o for o in FAST if not o.startswith("cpu_kernels=")]
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "train.py"), *fast, "method=sap", "trainer.max_steps=4",
                            "model.alignment.steps=40", f"paths.cache_dir={tmp_path / name / 'cache'}",
                            f"hydra.run.dir={run_dir}", *overrides],
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -37,8 +38,9 @@ def train(tmp_path: Path, name: str, env: dict, *overrides: str) -> tuple[dict, 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"),
                     reason="needs an x86-64 CPU with AVX2 to imitate another SIMD level")
 def test_the_portable_path_gives_identical_results_under_another_simd_level(tmp_path):
-    here, here_env = train(tmp_path, "portable", {}, "cpu_kernels=portable")
+    here, here_env = train(tmp_path, "auto", {})  # cpu_kernels=auto: portable for the synthetic world
     there, there_env = train(tmp_path, "portable_avx2", ANOTHER_CPU, "cpu_kernels=portable")
+    assert here_env["cpu_kernels"] == there_env["cpu_kernels"] == "portable"
     assert here_env["machine"]["cpu_capability"] == there_env["machine"]["cpu_capability"] == "DEFAULT"
     assert here_env["machine"]["threads"] == there_env["machine"]["threads"] == 1
     assert here_env["start_weights_sha256"] == there_env["start_weights_sha256"]
@@ -55,6 +57,7 @@ def test_the_portable_path_needs_a_fresh_process(monkeypatch):
         monkeypatch.setenv(key, os.environ.get(key, ""))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     with pytest.raises(RunError, match="cpu_kernels=portable needs a fresh process: this one already runs PyTorch's"):
-        kernels.pin("portable", "cpu")
-    kernels.pin("portable", "gpu")  # a no-op for runs on a GPU
-    kernels.pin("native", "cpu")
+        kernels.pin("portable", "synthetic", "cpu")
+    assert kernels.pin("auto", "synthetic", "cpu") == "native"  # auto stays where the process is
+    assert kernels.pin("portable", "synthetic", "gpu") == "native"  # GPU runs are not affected
+    assert kernels.pin("native", "synthetic", "cpu") == "native"

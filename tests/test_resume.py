@@ -23,6 +23,7 @@ STEPS = ["trainer.max_steps=6"]
 SETTINGS = {name: [f"method={name}"] for name in METHODS}
 SETTINGS["lisa"] += ["method.align_steps=2", "method.finetune_steps=2"]  # the stop falls inside a state
 SETTINGS["sap faithful"] = ["method=sap", "probe.mode=faithful"]
+SETTINGS["sap refresh"] = ["method=sap", "probe.refresh_every=2"]  # the probe kept across the stop
 SETTINGS["csft full"] = ["method=csft", "adapter=full"]  # full fine-tuning's copy of the start
 
 

@@ -174,3 +174,36 @@ def test_decision_contrast_keeps_each_pair_up_to_its_first_differing_answer_toke
     assert torch.allclose(logp[0], logits[0, k0 - 1, safe_ids[0, k0]], atol=1e-5)
     from safeprobe.methods.sap import global_norm
     assert torch.allclose(global_norm(module.unsafe_direction(pairs)), torch.tensor(1.0), atol=1e-5)
+
+
+def test_refresh_every_k_finds_a_new_probe_every_k_steps_and_keeps_it_in_between(make_cfg, monkeypatch):
+    c, module, dm = setup(make_cfg, "probe.refresh_every=3")
+    found, in_use = [], []
+    real_find, real_after = module.find_probe, module.after_backward
+    monkeypatch.setattr(module, "find_probe", lambda task: found.append(module.global_step) or real_find(task))
+    monkeypatch.setattr(module, "after_backward", lambda: in_use.append(module.vectors.clone()) or real_after())
+    fit(module, dm, 7)
+    assert found == [0, 3, 6]  # the steps that search; the others reuse
+    assert all(torch.equal(in_use[i], in_use[i - i % 3]) for i in range(7))
+    assert not (torch.equal(in_use[0], in_use[3]) and torch.equal(in_use[3], in_use[6]))
+
+
+def test_probe_examples_finds_the_probe_on_the_batch_s_first_examples(make_cfg):
+    from safeprobe.methods.sap import first
+
+    c, module, dm = setup(make_cfg, "probe.probe_examples=3", "probe.harmful_step=0.5")
+    batch = first_batch(dm)
+    module.model.train()
+    module.direction = module.unsafe_direction(batch["safety"])
+    head = first(batch["task"], 3)
+    assert head["input_ids"].shape[0] == 3 and torch.equal(head["input_ids"], batch["task"]["input_ids"][:3])
+    with torch.random.fork_rng():
+        on_head = module.find_probe(head)
+    with torch.random.fork_rng():
+        on_all = module.find_probe(batch["task"])
+    assert not torch.equal(on_head, on_all)  # the sub-batch decides
+    with torch.random.fork_rng():
+        stepped = None
+        with module.update_context(batch):
+            stepped = module.vectors
+    assert torch.equal(stepped, on_head)

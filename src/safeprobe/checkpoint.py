@@ -130,6 +130,9 @@ class Checkpoints(L.Callback):
         self.saved_step = resumed["step"] if resumed else None
         self.start = time.perf_counter()
 
+    def on_train_start(self, trainer, module) -> None:
+        self.start = time.perf_counter()
+
     def elapsed(self) -> float:
         return self.seconds + time.perf_counter() - self.start
 

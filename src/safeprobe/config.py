@@ -119,7 +119,8 @@ class AlignmentConfig:
     seed: int = 0
 
     def __post_init__(self):
-        require(self.steps >= 1, "model.alignment.steps", self.steps, "an integer >= 1")
+        require(self.steps >= 20, "model.alignment.steps", self.steps,
+                "an integer >= 20 (its one-cycle schedule warms up over the first 10%)")
         require(self.lr > 0, "model.alignment.lr", self.lr, "a number > 0")
 
 
@@ -173,9 +174,14 @@ class ProbeConfig:
     mode: str = "clean"  # clean | faithful (the reference code's stateful, stale Adam probe)
     temperature: float = 1.0
     contrast: str = "sequence"  # sequence: whole answers (the paper) | decision: up to the first differing token
+    refresh_every: int = 1  # steps between new unsafe directions and probes (kept in between); 1: every step
+    probe_examples: int | None = None  # task examples the probe search reads (the batch's first n); None: all
 
     def __post_init__(self):
         require(self.eps >= 0, "probe.eps", self.eps, "a number >= 0")
+        require(self.refresh_every >= 1, "probe.refresh_every", self.refresh_every, "an integer >= 1")
+        require(self.probe_examples is None or self.probe_examples >= 1, "probe.probe_examples", self.probe_examples,
+                "null (the whole batch) or an integer >= 1")
         require(self.harmful_step >= 0, "probe.harmful_step", self.harmful_step, "a number >= 0")
         require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers),
                 "probe.layers", list(self.layers), "a non-empty list of distinct decoder-layer indices >= 0")
@@ -401,7 +407,7 @@ class TrainConfig:
     save_adapter: bool = True
     checkpoint_every: int = 50  # steps between checkpoints (0: none; one is still saved at SIGTERM / Ctrl-C)
     resume: bool = False  # continue the run in hydra.run.dir from its checkpoint (checkpoint.py)
-    cpu_kernels: str = "native"  # native | portable: the same floating-point path on every x86-64 CPU (kernels.py)
+    cpu_kernels: str = "auto"  # auto | native | portable: the same floating-point path on every x86-64 CPU (kernels.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     method: Any = field(default_factory=lambda: {"name": "sap"})  # checked against the method's registered config
@@ -416,7 +422,7 @@ class TrainConfig:
 
     def __post_init__(self):
         require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "0 (off) or an integer >= 1")
-        one_of("cpu_kernels", self.cpu_kernels, ("native", "portable"))
+        one_of("cpu_kernels", self.cpu_kernels, ("auto", "native", "portable"))
 
 
 @dataclass

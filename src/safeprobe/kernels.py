@@ -1,42 +1,57 @@
 """`cpu_kernels`: which floating-point path a run on the CPU takes (docs/reproducibility.md).
 
-PyTorch picks its vectorized kernels by the CPU's SIMD level (AVX-512, AVX2, ...), MKL picks
-its matrix-multiply code path by CPU model, and reductions split work by thread count. Each
-choice changes the last bits of every sum, and fine-tuning amplifies them: two x86-64 CPUs
-give different numbers for the same command and seed.
+PyTorch picks its vectorized kernels by the CPU's SIMD level (AVX-512, AVX2, ...) and MKL its
+matrix-multiply code path by CPU model. Each choice changes the last bits of sums, and
+fine-tuning amplifies them: two x86-64 CPUs give different numbers for the same command.
 
-- `native`: the fastest path this CPU offers; results are identical on this machine only.
-- `portable`: the same path on every x86-64 CPU: PyTorch's baseline kernels
-  (ATEN_CPU_CAPABILITY=default), MKL's SSE2 path (MKL_CBWR=COMPATIBLE), one thread. Set by the
-  run itself before its first kernel, so it needs a fresh process (train.py, eval.py).
+- `native`: the fastest path this CPU offers; identical results on this machine only.
+- `portable`: one path for every x86-64 CPU: PyTorch's baseline kernels
+  (ATEN_CPU_CAPABILITY=default), MKL's SSE2 path (MKL_CBWR=COMPATIBLE), one thread.
+- `auto` (default): portable for the synthetic world, native for pretrained models.
+
+Both libraries read their setting at their first kernel, so the path is set at the start of
+the run; a process that has already computed natively (an earlier job of the same sweep)
+stays native — with cpu_kernels=portable that is an error, with auto a logged fallback. GPU
+runs are not affected.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from safeprobe.config import RunError
 
+log = logging.getLogger(__name__)
 PORTABLE = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
-_pinned: list[str] = []  # "portable" once this process is on that path
+_pinned: list[str] = []  # ["portable"] once this process is on that path
 
 
-def pin(mode: str, accelerator: str) -> None:
-    """Put the run on `mode`'s path; a no-op for native runs and for runs on a GPU."""
-    if mode != "portable" or accelerator not in ("cpu", "auto") or torch.cuda.is_available():
+def pin(mode: str, model_kind: str, accelerator: str) -> str:
+    """Put this process on the path `mode` asks for; return the path it is on."""
+    wanted = mode == "portable" or (mode == "auto" and model_kind == "synthetic")
+    on_cpu = accelerator in ("cpu", "auto") and not torch.cuda.is_available()
+    if _pinned or not (wanted and on_cpu):
         if _pinned and mode == "native":
             raise RunError("cpu_kernels=native needs a fresh process: this one runs the portable path (a sweep "
                            "that mixes cpu_kernels values: run one sweep per value)")
-        return
-    os.environ.update(PORTABLE)  # read by PyTorch and MKL at their first kernel, not before
-    torch.set_num_threads(1)
-    capability = torch.backends.cpu.get_cpu_capability()
+        return "portable" if _pinned else "native"
+    before = {k: os.environ.get(k) for k in PORTABLE}
+    os.environ.update(PORTABLE)
+    capability = torch.backends.cpu.get_cpu_capability()  # fixed at its first call, from the variable
     if capability != "DEFAULT":
-        raise RunError(f"cpu_kernels=portable needs a fresh process: this one already runs PyTorch's {capability} "
-                       "kernels (a sweep that mixes cpu_kernels values: run one sweep per value)")
-    _pinned[:] = ["portable"]
+        for k, v in before.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
+        if mode == "portable":
+            raise RunError(f"cpu_kernels=portable needs a fresh process: this one already runs PyTorch's {capability} "
+                           "kernels (a sweep that mixes cpu_kernels values: run one sweep per value)")
+        log.info("cpu_kernels=auto: this process already runs %s kernels; it stays on the native path", capability)
+        return "native"
+    torch.set_num_threads(1)
+    _pinned.append("portable")
+    return "portable"
 
 
 def cache_tag() -> dict:

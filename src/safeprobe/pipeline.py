@@ -32,6 +32,7 @@ from safeprobe.methods import build_method, method_spec
 from safeprobe.models.factory import (
     Base,
     apply_adapter,
+    check_targets,
     formatter,
     load_adapter,
     load_base,
@@ -131,7 +132,7 @@ def resume_overrides(out: Path) -> str:
 
 def run(cfg: DictConfig) -> dict:
     c: TrainConfig = validate(cfg)
-    kernels.pin(c.cpu_kernels, c.trainer.accelerator)  # before any kernel runs
+    path = kernels.pin(c.cpu_kernels, c.model.kind, c.trainer.accelerator)  # before any kernel runs
     out = Path(c.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = None  # a checkpoint to resume from
@@ -140,30 +141,36 @@ def run(cfg: DictConfig) -> dict:
         if finished is not None:
             print(f"{out}: this run has finished (results.json); nothing to resume", flush=True)
             return finished
+    # every check before anything is written: a run failing here leaves a reused folder as it was
+    method_spec(c.method.name).module.check_config(c)  # e.g. probe layers vs depth
+    base = load_base(c.model, c.paths.cache_dir)
+    check_targets(base.model, c.adapter)
+    splits = build_splits(base, c)
+    fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
+    base = alignment_stage(base, c, splits, fmt)
+    start_sha = weights_checksum(base.model)  # which starting model, bit for bit
+    if start is not None:
+        checkpoint.check_start(start, start_sha, out)
+    L.seed_everything(c.seed, workers=True)  # after the (possibly cached) alignment stages
+    data = data_module(c, base, splits, fmt)
+    saves = checkpoint.Checkpoints(out / checkpoint.CHECKPOINT, c.checkpoint_every,
+                                   {"start_weights_sha256": start_sha}, start)
+    trainer_args = dict(**to_plain(c.trainer), enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=str(out), callbacks=[saves])
+    L.Trainer(**trainer_args, logger=False)  # Lightning's own checks (devices, precision) before any work
+
     if start is None:
         (out / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # a fresh run never resumes an older one's state
     (out / ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's failure (sweep jobs)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    env = environment(PROJECT_ROOT)
+    env = {**environment(PROJECT_ROOT), "cpu_kernels": path, "start_weights_sha256": start_sha}
     write_json(out / "environment.json", env)  # the code's commit, wherever outputs go
-
-    method_spec(c.method.name).module.check_config(c)  # before any work (e.g. probe layers vs depth)
-    base = load_base(c.model, c.paths.cache_dir)
-    splits = build_splits(base, c)
-    fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
-    base = alignment_stage(base, c, splits, fmt)
-    env["start_weights_sha256"] = weights_checksum(base.model)  # which starting model, bit for bit
-    write_json(out / "environment.json", env)
-    if start is not None:
-        checkpoint.check_start(start, env["start_weights_sha256"], out)
-    L.seed_everything(c.seed, workers=True)  # after the (possibly cached) alignment stages
-    data = data_module(c, base, splits, fmt)
 
     group, name = _hydra_job()
     loggers = make_loggers(c.logger, out, to_plain(cfg), group, name, resume_id=(start or {}).get("wandb_id"))
     if start is not None:
         checkpoint.carry_csv_rows(loggers, start["step"])
-    phase, trainer, saves = "evaluating the model before fine-tuning", None, None
+    phase, trainer = "evaluating the model before fine-tuning", None
     try:
         results = {"method": c.method.name, "seed": c.seed, "run_dir": str(out), "method_config": to_plain(c.method),
                    "stages": base.stages}
@@ -178,11 +185,8 @@ def run(cfg: DictConfig) -> dict:
         module = build_method(model, c)
         if start is not None:
             module.replay = checkpoint.Replay(start)
-        saves = checkpoint.Checkpoints(out / checkpoint.CHECKPOINT, c.checkpoint_every,
-                                       {"before": results["before"], "wandb_id": wandb_id(loggers),
-                                        "start_weights_sha256": env["start_weights_sha256"]}, start)
-        trainer = L.Trainer(**to_plain(c.trainer), logger=loggers or False, enable_checkpointing=False,
-                            enable_model_summary=False, default_root_dir=str(out), callbacks=[saves])
+        saves.extra.update(before=results["before"], wandb_id=wandb_id(loggers))
+        trainer = L.Trainer(**trainer_args, logger=loggers or False)
         with stop_between_steps():
             trainer.fit(module, datamodule=data)
         results["train"] = {"seconds": round(saves.elapsed(), 2), "steps": trainer.global_step,
@@ -205,7 +209,7 @@ def run(cfg: DictConfig) -> dict:
         if isinstance(e, Interrupted):
             steps = f" (after {trainer.global_step} steps)" if trainer and phase == "fine-tuning" else ""
             e.where = phase + steps
-            if saves is not None and saves.saved_step is not None:
+            if saves.saved_step is not None:
                 e.resume = (f"checkpoint saved at step {saves.saved_step}; to continue, run the same command with "
                             f"{resume_overrides(out)}")
         finish(loggers, failed=True)
@@ -225,11 +229,20 @@ def read_generations(path: Path, which: str = "harmful") -> list[dict]:
     """The rows of one set ("harmful" or "task") of a run's generations.jsonl."""
     if not path.is_file():
         raise ConfigError(f"judges_only=true is invalid here; allowed: a run_dir holding generations.jsonl ({path} is missing)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = "not JSON"
+        if row is not None and not (isinstance(row, dict) and {"set", "prompt", "answer"} <= row.keys()):
+            raise ConfigError(f"judges_only=true is invalid here; allowed: a run_dir whose generations.jsonl rows are "
+                              f"objects with set, prompt and answer ({path}: line {i + 1} is not)")
+        rows += [row] if row else []
     return [r for r in rows if r["set"] == which]
 
 
-def compare_environment(run_dir: Path, start_weights_sha256: str | None) -> list[str]:
+def compare_environment(run_dir: Path, start_weights_sha256: str | None, cpu_kernels: str = "native") -> list[str]:
     """eval.py: warn when this machine, its packages, the code or the starting weights differ from
     the run's (the re-evaluation then agrees with the run only statistically)."""
     from safeprobe.reporting.environments import environment_differences
@@ -238,7 +251,7 @@ def compare_environment(run_dir: Path, start_weights_sha256: str | None) -> list
         saved = json.loads((run_dir / "environment.json").read_text())
     except (OSError, json.JSONDecodeError):
         saved = {}
-    now = {**environment(PROJECT_ROOT), "start_weights_sha256": start_weights_sha256}
+    now = {**environment(PROJECT_ROOT), "start_weights_sha256": start_weights_sha256, "cpu_kernels": cpu_kernels}
     lines = environment_differences({"the run": saved, "this evaluation": now})
     if saved.get("start_weights_sha256") != start_weights_sha256:
         lines.append(f"starting weights (sha256): {saved.get('start_weights_sha256')} (the run), "
@@ -282,7 +295,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     if given:
         saved.eval = OmegaConf.merge(saved.eval, given)
     c: TrainConfig = validate(saved)
-    kernels.pin(c.cpu_kernels, c.trainer.accelerator)  # the run's floating-point path
+    path = kernels.pin(c.cpu_kernels, c.model.kind, c.trainer.accelerator)  # the run's floating-point path
     out = Path(e.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"run_dir": str(run_dir), "method": c.method.name, "seed": c.seed}
@@ -299,7 +312,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
         splits = build_splits(base, c)
         fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
         base = alignment_stage(base, c, splits, fmt)  # the run's starting model (cached), then its adapter
-        results["environment_warnings"] = compare_environment(run_dir, weights_checksum(base.model))
+        results["environment_warnings"] = compare_environment(run_dir, weights_checksum(base.model), path)
         model = load_adapter(base.model, run_dir / "adapter").to(eval_device(c))
         with torch.no_grad():
             results["after"] = evaluate(model, base.tokenizer, fmt, splits, c.eval, c.data.max_length,

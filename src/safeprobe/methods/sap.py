@@ -31,6 +31,11 @@ from safeprobe.methods.registry import register
 from safeprobe.models.factory import model_depth
 
 
+def first(batch: dict, n: int | None) -> dict:
+    """The batch's first n examples (all when n is None)."""
+    return batch if n is None else {k: v[:n] for k, v in batch.items()}
+
+
 def global_norm(tensors) -> torch.Tensor:
     return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
 
@@ -50,6 +55,7 @@ class SAPModule(FineTuneModule):
         self.probe_cfg = cfg.probe
         self.probe = Probe(model, cfg.probe.layers)
         self.direction: list[torch.Tensor] | None = None
+        self.vectors: torch.Tensor | None = None  # the last probe found
         self.faithful_v: torch.Tensor | None = None  # faithful mode's persistent probe (never a parameter)
 
     # ------------------------------------------------------------ the SAP step
@@ -59,10 +65,12 @@ class SAPModule(FineTuneModule):
         task, pairs = batch["task"], batch["safety"]
         if self.probe_cfg.mode == "faithful":
             vectors = self._faithful_probe(task, pairs)
-        else:
+        elif self.vectors is None or self.global_step % self.probe_cfg.refresh_every == 0:
             with self.side_rng():
                 self.direction = self.unsafe_direction(pairs)
-                vectors = self.find_probe(task)
+                vectors = self.vectors = self.find_probe(first(task, self.probe_cfg.probe_examples))
+        else:  # probe.refresh_every > 1: the probe (one vector per layer, whatever the batch) is kept
+            vectors = self.vectors
         self.log("sap/probe_norm", vectors.detach().norm(dim=-1).mean(), batch_size=1)
         with self.probe.attached(vectors):
             yield
@@ -159,16 +167,21 @@ class SAPModule(FineTuneModule):
         self.faithful_opt.zero_grad(set_to_none=True)
 
     def resume_state(self) -> dict:
-        if self.faithful_v is None:  # the direction and probe of the default mode are found anew every step
-            return {}
-        return {"faithful_v": self.faithful_v.detach().cpu(), "faithful_opt": self.faithful_opt.state_dict()}
+        if self.faithful_v is not None:
+            return {"faithful_v": self.faithful_v.detach().cpu(), "faithful_opt": self.faithful_opt.state_dict()}
+        if self.vectors is not None and self.probe_cfg.refresh_every > 1:  # kept across steps
+            return {"vectors": self.vectors.cpu(), "direction": [d.cpu() for d in self.direction]}
+        return {}  # found anew every step
 
     def load_resume_state(self, state: dict) -> None:
-        if state:
+        if "faithful_v" in state:
             self.faithful_v = state["faithful_v"].to(self.device).requires_grad_(True)
             self.faithful_opt = torch.optim.AdamW([self.faithful_v], lr=self.probe_cfg.eps)
             self.faithful_opt.load_state_dict(state["faithful_opt"])
+        if "vectors" in state:
+            self.vectors = state["vectors"].to(self.device)
+            self.direction = [d.to(self.device) for d in state["direction"]]
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        self.faithful_v = self.direction = None
+        self.faithful_v = self.direction = self.vectors = None

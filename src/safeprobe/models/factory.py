@@ -57,7 +57,10 @@ def model_depth(cfg: ModelConfig) -> int:
     return getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers
 
 
-def load_base(cfg: ModelConfig, cache_dir: str | Path) -> Base:
+def load_base(cfg: ModelConfig, cache_dir: str | Path, random_weights: bool = False) -> Base:
+    """random_weights: the architecture of the folder's config.json with freshly initialized
+    weights (benchmarks: speed does not depend on the values, and no weights need to be on disk);
+    they are created on the default device (e.g. inside `with torch.device("cuda"):`)."""
     if cfg.kind == "synthetic":
         from safeprobe.synthetic.align import aligned_model_dir
         from safeprobe.synthetic.world import World
@@ -71,7 +74,13 @@ def load_base(cfg: ModelConfig, cache_dir: str | Path) -> Base:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     with _reading(cfg):
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if random_weights:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -89,6 +98,19 @@ def formatter(base: Base, style: str, system_prompt: str | None) -> PromptFormat
     return PromptFormatter(base.tokenizer, style, system_prompt)
 
 
+def check_targets(model: torch.nn.Module, cfg: AdapterConfig) -> None:
+    """LoRA's target modules name layers of this model (a string is "all-linear" or a regex)."""
+    targets = to_plain(cfg.target_modules)
+    if cfg.kind != "lora" or isinstance(targets, str):
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if missing:
+        raise ConfigError(f"adapter.target_modules={targets!r} is invalid ({', '.join(missing)} not in the model); "
+                          f"allowed: all-linear or names of the model's layers, e.g. {', '.join(linear)}")
+
+
 def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module:
     """LoRA through PEFT (only adapter weights trainable), or full fine-tuning."""
     if cfg.kind == "full":
@@ -97,13 +119,7 @@ def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module
     from peft import LoraConfig, get_peft_model
 
     targets = to_plain(cfg.target_modules)
-    if not isinstance(targets, str):  # module names (a string is "all-linear" or a regex): each must name a layer
-        names = [n for n, _ in model.named_modules()]
-        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        if missing:
-            raise ConfigError(f"adapter.target_modules={targets!r} is invalid ({', '.join(missing)} not in the model); "
-                              f"allowed: all-linear or names of the model's layers, e.g. {', '.join(linear)}")
+    check_targets(model, cfg)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 

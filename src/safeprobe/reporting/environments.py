@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 # what environment.json fields decide the last bits of a result (docs/reproducibility.md)
-COMPARED = {"CPU": ("machine", "cpu"), "SIMD capability": ("machine", "cpu_capability"),
+COMPARED = {"cpu_kernels": ("cpu_kernels",), "CPU": ("machine", "cpu"), "SIMD capability": ("machine", "cpu_capability"),
             "threads": ("machine", "threads"), "GPU": ("machine", "gpu"), "kernel variables": ("machine", "variables"),
             "commit": ("git", "commit"), "python": ("python",)}
 

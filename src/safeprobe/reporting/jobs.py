@@ -1,7 +1,7 @@
 """Find the job folders of one or more sweep folders and read what each job left behind.
 
 A job folder is one holding `.hydra/` (every Hydra job, even one that crashed at once) or
-`config.yaml` (written by `pipeline.run` first thing). Every folder found becomes a `Job`,
+`config.yaml` (written by `pipeline.run` once its checks pass). Every folder found becomes a `Job`,
 with or without results, so that nothing is dropped without being listed.
 """
 
