@@ -26,6 +26,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # docs/results/synthetic.md section 0 ran on the native AVX-512 path (before cpu_kernels existed);
 # KERNELS=portable gives numbers every x86-64 CPU reproduces bit for bit (docs/reproducibility.md)
 KERNELS=${KERNELS:-native}
+# section 0's SAP found its probe every step (the default then; now every 16 steps, docs/performance.md)
+PER_STEP=probe.refresh_every=1
 
 part() {  # part <name> <overrides...>
   local name=$1; shift
@@ -36,9 +38,10 @@ part() {  # part <name> <overrides...>
 run_part() {
   case $1 in
     sft)              part sft data=synthetic_instruct method=sft $ALL ;;
-    sap)              part sap data=synthetic_instruct method=sap $ALL ;;
+    sap)              part sap data=synthetic_instruct method=sap $PER_STEP $ALL ;;
+    sap_refresh)      part sap_refresh data=synthetic_instruct method=sap probe.refresh_every=8,16 $ALL ;;  # docs/performance.md
     sap_random)       part sap_random data=synthetic_instruct method=sap_random $ALL ;;
-    grid_sap)         part grid_sap data=synthetic_instruct method=sap probe.contrast=decision $GRID ;;
+    grid_sap)         part grid_sap data=synthetic_instruct method=sap $PER_STEP probe.contrast=decision $GRID ;;
     grid_safeinstr)   part grid_safeinstr data=synthetic_instruct method=safeinstr method.share=0.03,0.1 $GRID ;;
     grid_lisa)        part grid_lisa data=synthetic_instruct method=lisa $LISA_STEPS method.rho=1.0,0.01 $GRID ;;
     grid_csft)        part grid_csft data=synthetic_instruct method=csft method.beta=0.1,0.5 $GRID ;;
@@ -48,9 +51,9 @@ run_part() {
     final_lisa)       part final_lisa data=synthetic_instruct method=lisa $LISA_STEPS $CHOSEN_LISA $FINAL ;;
     final_csft)       part final_csft data=synthetic_instruct method=csft $CHOSEN_CSFT $FINAL ;;
     final_ldifs)      part final_ldifs data=synthetic_instruct method=ldifs $CHOSEN_LDIFS $FINAL ;;
-    final_sap_decision) part final_sap_decision data=synthetic_instruct method=sap probe.contrast=decision $FINAL ;;
+    final_sap_decision) part final_sap_decision data=synthetic_instruct method=sap $PER_STEP probe.contrast=decision $FINAL ;;
     tasks_sft)        part tasks_sft data=synthetic_classify,synthetic_poison method=sft $SHORT ;;
-    tasks_sap)        part tasks_sap data=synthetic_classify,synthetic_poison method=sap $SHORT ;;
+    tasks_sap)        part tasks_sap data=synthetic_classify,synthetic_poison method=sap $PER_STEP $SHORT ;;
     tasks_sap_random) part tasks_sap_random data=synthetic_classify,synthetic_poison method=sap_random $SHORT ;;
     tasks_safeinstr)  part tasks_safeinstr data=synthetic_classify,synthetic_poison method=safeinstr $CHOSEN_SAFEINSTR $SHORT ;;
     tasks_lisa)       part tasks_lisa data=synthetic_classify,synthetic_poison method=lisa $LISA_STEPS $CHOSEN_LISA $SHORT ;;

@@ -7,7 +7,7 @@
 #   - greedy generation as evaluation runs it: new tokens/s and peak memory.
 # Prints two markdown tables; details and settings: benchmarks/gpu_bench.py (its docstring).
 #
-# On a rented GPU (one H100/H200, 80 GB is enough; should take 3-5 minutes, budget 8):
+# On a rented GPU (one H100/H200, 80 GB is enough; should take about 5 minutes, budget 8):
 #   bash benchmarks/gpu.sh                  # all families and methods
 #   bash benchmarks/gpu.sh --out results/   # also writes results/gpu_bench.json (after every family)
 #   bash benchmarks/gpu.sh --families gemma2_9b_it --methods sft,sap data.max_length=512

@@ -1,7 +1,7 @@
 """Training step cost of every method and greedy-generation throughput on 7B/8B-shaped models of
 the shipped families (conf/model/), with random weights: no download, no checkpoint on disk.
 
-    bash benchmarks/gpu.sh [--out DIR]            # one H100/H200: should take 3-5 minutes (budget: 8)
+    bash benchmarks/gpu.sh [--out DIR]            # one H100/H200: should take about 5 minutes (budget: 8)
     TINY=1 bash benchmarks/gpu.sh                 # tiny shapes on the CPU, ~30 s (what the test runs)
     python benchmarks/gpu_bench.py --families llama2_7b_chat --methods sft,sap data.max_length=512
 
@@ -12,7 +12,7 @@ qwen2_5_7b_instruct, gemma2_9b_it):
   with the harmful-fine-tuning protocol's settings (experiment=harmful_finetuning_alpaca: bf16,
   LoRA r=32 on q/k/v, batch 10, safety pairs 8) and task rows of exactly data.max_length=256
   tokens (the SST2 protocol's limit; Alpaca's is 512, which most of its rows do not reach; pass
-  data.max_length=512 for the worst case). Per method: the median step time over --steps timed
+  data.max_length=512 for the worst case). Per method: the mean step time over --steps timed
   steps after --warmup untimed ones, task tokens/s, the CUDA allocator's peak (the weights once,
   the adapter, optimizer and activations: what a run needs), and both relative to SFT. Lisa runs
   1 alignment step first, so its timed steps are fine-tuning steps (its 1:9 alternation's usual step).
@@ -20,17 +20,15 @@ qwen2_5_7b_instruct, gemma2_9b_it):
   model, eval.batch_size=32 prompts a batch): --prompts copies of a prompt of --prompt-tokens
   tokens (plus the Alpaca template), each answer exactly --new-tokens long; new tokens/s and peak.
 
-The models: each family's config class (tests/standins.py) with the real model's shape (SHAPES
-below: layers, widths, heads, vocabulary; values that do not change the cost, such as the RoPE
-base, are the class defaults), built in memory directly on the GPU in bf16 (load_base's
-random_weights): speed does not depend on the weights. The tokenizer is the stand-ins' byte-level
-one (its ids are a subset of the model's vocabulary; the logits still span all of it). The data
-are local files of the real sets' schemas whose answers are longer than the length limits (up
-to 512 tokens), so sequence lengths are the config's. Nothing reaches the network.
+The models and data: benchmarks/shapes.py (each family's real shape with random weights, built
+in memory directly on the GPU in bf16; the stand-ins' byte-level tokenizer, whose ids are a
+subset of the model's vocabulary while the logits still span all of it; local data files whose
+rows fill the length limits). Nothing reaches the network.
 
-Budget (one H100/H200; estimated from FLOP counts, not yet timed on one): under a minute a
-family. Per family: building the model a few seconds; each of the 7 methods one Lightning fit of
-2 + 5 steps (1-2 s of setup; a 7B SFT step of 10 x 256 tokens ~0.2 s, SAP ~4x); generation of
+Budget (one H100/H200; estimated from FLOP counts, not yet timed on one): about a minute a
+family. Per family: building the model a few seconds; each of the 7 methods and SAP every step one
+Lightning fit of 2 + 16 steps (16: SAP's default refreshes its probe every 16 steps, so its mean
+counts one refresh; 1-2 s of setup; a 7B SFT step of 10 x 256 tokens ~0.2 s, SAP every step ~4x); generation of
 32 x 128 new tokens ~5 s. Memory: the weights once (13.5-18.5 GB) plus activations, within one
 80 GB GPU. If it runs long, lower --steps or --new-tokens, or pick --families: each family's
 elapsed time goes to stderr, and --out DIR gets gpu_bench.json after every family.
@@ -42,8 +40,6 @@ import argparse
 import gc
 import json
 import logging
-import random
-import re
 import resource
 import sys
 import tempfile
@@ -55,46 +51,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
+import shapes  # noqa: E402
 import step_cost  # noqa: E402  (puts src/ on the path)
 
 from safeprobe.evaluation.evaluate import generate  # noqa: E402
 from safeprobe.methods import METHODS  # noqa: E402
-from tests.standins import ASSETS, FAMILIES, SIZES, build_tokenizer  # noqa: E402
 
-# conf/model/<name>.yaml -> (tests/standins.py family, the real model's shape)
-SHAPES = {
-    "llama2_7b_chat": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                     num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32000)),
-    "llama3_8b_instruct": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256)),
-    "mistral_7b_instruct": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                            num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                                            vocab_size=32768, sliding_window=None)),  # v0.3
-    "qwen2_5_7b_instruct": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                          num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-                                          vocab_size=152064)),
-    "gemma2_9b_it": ("gemma2", dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-                                    num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000)),
-}
-TINY_SHAPE = dict(SIZES, num_hidden_layers=10)  # 10 layers: room for the reference probe's layers [3, 9]
-PER_METHOD = {"lisa": ["method.align_steps=1"]}  # its default 100 alignment steps come before any task step
-GPU = dict(warmup=2, steps=5, rounds=1, prompt_tokens=128, new_tokens=128,
+PER_METHOD = {"lisa": ["method.align_steps=1"],  # its default 100 alignment steps come before any task step
+              "sap_every_step": ["sap", "probe.refresh_every=1"]}  # the paper's SAP, next to the default (every 16)
+GPU = dict(warmup=2, steps=16, rounds=1, prompt_tokens=128, new_tokens=128,
            overrides=["data.max_length=256"])
 TINY = dict(warmup=1, steps=2, rounds=1, prompt_tokens=16, new_tokens=4,
             overrides=["trainer=cpu", "model.dtype=float32", "data.max_length=128", "data.safety_max_length=112",
                        "data.batch_size=2", "data.safety_batch_size=2", "eval.batch_size=2"])
-PROMPT_WORDS = 16  # ~85 tokens with the Alpaca template and this tokenizer
-ANSWER_WORDS = 600  # >= 600 tokens: longer than any data.max_length up to 512, so every row is cut to the limit
-N_TASK, N_TEST = 80, 4  # 80 task rows: the GPU run's 7 steps of 10 stay within one epoch
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a smoke test of the script)")
-    parser.add_argument("--families", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--families", default=",".join(shapes.FAMILY_SHAPES),
+                        help=f"comma-separated, of {', '.join(shapes.FAMILY_SHAPES)}")
     parser.add_argument("--methods", default="all", help="comma-separated method names, or all (sft always runs)")
     parser.add_argument("--warmup", type=int, help="untimed steps per fit (GPU 2, tiny 1)")
-    parser.add_argument("--steps", type=int, help="timed steps per fit (GPU 5, tiny 2)")
+    parser.add_argument("--steps", type=int, help="timed steps per fit (GPU 16, tiny 2)")
     parser.add_argument("--rounds", type=int, help="alternating rounds of all methods (1)")
     parser.add_argument("--prompts", type=int, help="generation prompts (default: eval.batch_size, one batch)")
     parser.add_argument("--prompt-tokens", type=int, help="tokens of each prompt before the template (GPU 128, tiny 16)")
@@ -110,52 +89,13 @@ def parse_args():
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     args.methods = list(dict.fromkeys(["sft", *names]))
-    bad = [f for f in args.families if f not in SHAPES] + [m for m in args.methods if m not in METHODS]
+    bad = [f for f in args.families if f not in shapes.FAMILY_SHAPES] + [m for m in args.methods if m not in METHODS]
     if bad:
-        parser.error(f"unknown {', '.join(bad)}; allowed families {', '.join(SHAPES)}, methods {', '.join(METHODS)} or all")
+        parser.error(f"unknown {', '.join(bad)}; allowed families {', '.join(shapes.FAMILY_SHAPES)}, "
+                     f"methods {', '.join(METHODS)} or all")
+    if "sap" in args.methods:
+        args.methods.append("sap_every_step")
     return args
-
-
-def words() -> list[str]:
-    """Words the stand-in tokenizer was trained on (fixture files): each is at least one token."""
-    return sorted(set(re.findall(r"[a-z]+", " ".join(p.read_text().lower() for p in ASSETS.iterdir() if p.is_file()))))
-
-
-def write_data(folder: Path, vocab: list[str]) -> list[str]:
-    """Local files in the schema of each set the protocol reads, whose answers are longer than any
-    length limit: every training row is cut to exactly data.max_length / data.safety_max_length
-    tokens. Returns the overrides that point the data config at them."""
-    rng = random.Random(0)
-
-    def text(n: int) -> str:
-        return " ".join(rng.choice(vocab) for _ in range(n))
-
-    def jsonl(name: str, rows: list[dict]) -> Path:
-        path = folder / name
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return path
-
-    unsafe = [{"prompt": text(PROMPT_WORDS), "response": text(ANSWER_WORDS), "is_safe": False} for _ in range(16)]
-    files = {
-        "task_path": jsonl("task.jsonl", [{"instruction": text(PROMPT_WORDS), "input": "", "output": text(ANSWER_WORDS)}
-                                          for _ in range(N_TASK + N_TEST)]),
-        "poison_path": jsonl("poison.jsonl", unsafe),
-        "harmful_eval_path": jsonl("harmful_eval.jsonl", unsafe[:4]),
-        "safety_pairs_path": jsonl("safety_pairs.jsonl", [{"prompt": text(PROMPT_WORDS), "llama3_output": text(ANSWER_WORDS),
-                                                           "response": text(ANSWER_WORDS)} for _ in range(16)]),
-        "alignment_path": jsonl("alignment.jsonl", [{"prompt": text(PROMPT_WORDS), "refusal": text(ANSWER_WORDS),
-                                                     "response": text(ANSWER_WORDS)} for _ in range(16)]),
-    }
-    return [f"data.{k}={v}" for k, v in files.items()] + [f"data.n_train={N_TASK}", f"data.n_test={N_TEST}"]
-
-
-def write_model_folder(folder: Path, family: str, shape: dict, tokenizer) -> Path:
-    """config.json of the shape and the tokenizer: all load_base(random_weights=True) reads."""
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    FAMILIES[family](**{"vocab_size": len(tokenizer), **shape, **ids}).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def peak_gib(cuda: bool) -> float:
@@ -191,15 +131,14 @@ def generation(c, base, fmt, model, vocab: list[str], prompts: int, prompt_token
             "tokens_per_s": prompts * new_tokens / seconds, "peak_gib": peak_gib(cuda)}
 
 
-def bench_family(name: str, args, folder: Path, data_overrides: list[str]) -> tuple[dict, dict, dict]:
+def bench_family(name: str, args, folder: Path) -> tuple[dict, dict, dict]:
     """(per-method training figures, generation figures, settings) of one family."""
-    overrides = ["experiment=harmful_finetuning_alpaca", f"model={name}", f"model.name_or_path={folder}",
-                 *data_overrides, *args.overrides]
+    overrides = [*shapes.prepare(name, folder, tiny=args.tiny), *args.overrides]
     cfgs, *state = step_cost.setup(args.methods, overrides, PER_METHOD, random_weights=True)
     runs = step_cost.time_methods(cfgs, state, args.methods, args.warmup, args.steps, args.rounds)
     train = step_cost.summary(runs)
     c, (base, _, fmt, model) = cfgs["sft"], state
-    gen = generation(c, base, fmt, model, words(), args.prompts or c.eval.batch_size, args.prompt_tokens,
+    gen = generation(c, base, fmt, model, shapes.words(), args.prompts or c.eval.batch_size, args.prompt_tokens,
                      args.new_tokens)
     d = c.data
     settings = {"parameters": sum(p.numel() for p in model.parameters()), "dtype": c.model.dtype,
@@ -230,13 +169,9 @@ def main() -> None:
     cuda = not args.tiny and torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     started, results = time.perf_counter(), {}
-    tokenizer = build_tokenizer()
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
-        data_overrides = write_data(Path(tmp), words())
         for name in args.families:
-            family, shape = SHAPES[name]
-            folder = write_model_folder(Path(tmp) / name, family, TINY_SHAPE if args.tiny else shape, tokenizer)
-            train, gen, settings = bench_family(name, args, folder, data_overrides)
+            train, gen, settings = bench_family(name, args, Path(tmp))
             results[name] = {"settings": settings, "train": train, "generate": gen}
             gc.collect()  # this family's model, before the next one is built
             if cuda:

@@ -5,6 +5,7 @@
     python benchmarks/step_cost.py --variant sap_k4:sap:probe.refresh_every=4     # SAP with a cheaper setting
     python benchmarks/step_cost.py --methods sft,sap,lisa --steps 30 --rounds 3 \
         model=pretrained model.name_or_path=<folder> data=... trainer=gpu
+    python benchmarks/step_cost.py --shape llama_100m --steps 5 --rounds 2     # a ~100M Llama on the CPU
     python benchmarks/step_cost.py --random-weights model=pretrained model.name_or_path=<folder with config.json
         and a tokenizer> ...                               # the architecture only: random weights, built in memory
 
@@ -12,7 +13,8 @@ Runs the real training step (Lightning Trainer; each method's module and data mo
 as train.py builds them) for the methods of --methods (comma-separated names, or `all` for
 every registered one; sft is always run, as the reference) in alternating rounds
 (ABC ABC ...), all from the same starting weights and the same task batches, and prints each
-method's median step time, task tokens per second (non-padding tokens of the task batch) and
+method's mean step time (all timed steps' time over their count, so that a cost paid every k
+steps, such as probe.refresh_every=k, is counted in full: time a multiple of k steps), task tokens per second (non-padding tokens of the task batch) and
 peak memory, and their ratios to SFT. The first --warmup steps of each round are not timed.
 Every round starts from the same starting model: its frozen weights (all but the adapter with
 LoRA) are shared, not copied, so memory holds one copy of the base model, as a run does.
@@ -24,11 +26,15 @@ runs 100 alignment steps before any task step, so a short run times only those).
 
 Peak memory is the CUDA allocator's peak on a GPU (the starting model stays on the GPU); on the
 CPU it is the peak resident memory added during training, sampled every millisecond in a fresh
-process per method (a coarse figure).
+process per method, with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so that freed
+tensors leave resident memory at once: without it the figure follows glibc's heap growth, not
+the live tensors (SAP's peak then read 1.1-1.45x SFT's from run to run; with it, 1.02).
 
 --random-weights builds the model from the config.json of model.name_or_path with random weights,
 directly on the training device (load_base's random_weights): speed does not depend on the values,
 so a folder with the config and a tokenizer stands in for a 7B checkpoint (benchmarks/gpu_bench.py).
+--shape NAME writes such a folder of a real shape and data files that fill the length limits
+(benchmarks/shapes.py) and runs on them.
 """
 
 from __future__ import annotations
@@ -51,7 +57,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "benchmarks")]  # the package, tests.standins, shapes
+
+import shapes  # noqa: E402
 
 from safeprobe.config import CONF_DIR, validate  # noqa: E402
 from safeprobe.methods import METHODS, build_method, method_spec  # noqa: E402
@@ -180,9 +189,8 @@ def time_methods(cfgs: dict, state: list, methods: list[str], warmup: int, steps
 
 
 def summary(runs: dict[str, dict]) -> dict[str, dict]:
-    """Median step time, median task tokens/s, peak memory, and step time and memory relative to sft."""
-    rows = {name: {"step_s": statistics.median(r["times"]),
-                   "tokens_per_s": statistics.median(n / t for n, t in zip(r["tokens"], r["times"], strict=True)),
+    """Mean step time, task tokens/s, peak memory, and step time and memory relative to sft."""
+    rows = {name: {"step_s": statistics.mean(r["times"]), "tokens_per_s": sum(r["tokens"]) / sum(r["times"]),
                    "peak_mib": r["peak_mib"]} for name, r in runs.items()}
     sft = rows["sft"]
     for row in rows.values():
@@ -208,11 +216,12 @@ def parse_args():
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:METHOD:KEY=VALUE",
                         help="a method with overrides, timed as LABEL (repeat a label for more overrides), e.g. "
                              "sap_k4:sap:probe.refresh_every=4")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round and method")
+    parser.add_argument("--steps", type=int, default=32, help="timed steps per round and method")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--random-weights", action="store_true",
                         help="build the model from model.name_or_path's config.json with random weights (in memory)")
+    shapes.add_option(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every method, as for train.py")
     args = parser.parse_args()
     names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -239,7 +248,11 @@ def parse_args():
 
 
 def main() -> None:
-    args = parse_args()
+    with shapes.applied(parse_args()) as args:
+        report(args)
+
+
+def report(args) -> None:
     methods, steps = args.methods, args.warmup + args.steps
     cfgs, *state = setup(methods, args.overrides, args.per_method, args.random_weights)
     c, start_model = cfgs["sft"], state[-1]
@@ -247,6 +260,9 @@ def main() -> None:
     runs = time_methods(cfgs, state, methods, args.warmup, args.steps, args.rounds)
     if not cuda:
         ctx = multiprocessing.get_context("spawn")
+        # glibc keeps large freed blocks on its heap once its mmap threshold has risen, so resident memory
+        # would follow the allocation pattern, not what is alive; a fixed threshold returns them at once
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**16))
         for name in methods:
             queue = ctx.Queue()
             proc = ctx.Process(target=cpu_peak_in_fresh_process,
@@ -265,7 +281,7 @@ def main() -> None:
           f"steps {c.probe.steps}, mode {c.probe.mode}; {args.rounds} rounds x {args.steps} timed steps per method")
     for name, overrides in args.per_method.items():
         print(f"{name} only: {' '.join(overrides)}")
-    print(f"\n{'method':<16}{'median step ms':>16}{'/ sft':>8}{mem:>24}{'/ sft':>8}{'task tok/s':>12}")
+    print(f"\n{'method':<16}{'mean step ms':>16}{'/ sft':>8}{mem:>24}{'/ sft':>8}{'task tok/s':>12}")
     for name, row in summary(runs).items():
         print(f"{name:<16}{row['step_s'] * 1e3:>16.1f}{row['step_ratio']:>8.2f}{row['peak_mib']:>24.1f}"
               f"{row['memory_ratio']:>8.2f}{row['tokens_per_s']:>12.0f}")

@@ -14,7 +14,8 @@ KERNELS=${KERNELS:-native}  # the published sections ran natively (docs/reproduc
 
 part() {  # part <name> <overrides...>
   local name=$1; shift
-  python train.py -m "$@" $SEEDS cpu_kernels=$KERNELS logger=csv trainer.enable_progress_bar=false \
+  # probe.refresh_every=1: these sections found SAP's probe every step (the default then)
+  python train.py -m "$@" $SEEDS cpu_kernels=$KERNELS probe.refresh_every=1 logger=csv trainer.enable_progress_bar=false \
     hydra.sweep.dir="$OUT/$name"
 }
 

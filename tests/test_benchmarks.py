@@ -27,6 +27,20 @@ def test_step_cost_times_methods_and_variants_side_by_side(cache_dir, micro, tmp
     assert "sap_k2 only: sap probe.refresh_every=2 probe.probe_examples=2" in proc.stdout
 
 
+def test_sap_profile_times_each_pass_and_projects_the_levers(cache_dir, micro, tmp_path):
+    proc = run_script("benchmarks/sap_profile.py", "--repeats", "1", *TINY, f"paths.cache_dir={cache_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {m.group(1): [float(m.group(2)), float(m.group(3))]
+            for m in re.finditer(r"^\| (sft step|direction|probe search|update) \| ([\d.]+) \|.*\| ([\d.]+) \|$",
+                                 proc.stdout, re.M)}
+    assert set(rows) == {"sft step", "direction", "probe search", "update"}, proc.stdout
+    assert all(ms > 0 and saved > 0 for ms, saved in rows.values())
+    assert re.search(r"^\| SAP step \(sum\) \| [\d.]+ \| 100% \|", proc.stdout, re.M), proc.stdout
+    projected = re.findall(r"^\| (1|2|4|8|16) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
+    assert [k for k, *_ in projected] == ["1", "2", "4", "8", "16"], proc.stdout
+    assert float(projected[-1][1]) < float(projected[0][1])  # refreshing less often costs less
+
+
 def test_checkpoint_cost_runs_with_and_without_checkpoints(cache_dir, micro, tmp_path):
     proc = run_script("benchmarks/checkpoint_cost.py", "--rounds", "1", "--every", "2", *TINY, "trainer.max_steps=4",
                       "method=sft", "cpu_kernels=native", f"paths.cache_dir={cache_dir}", cwd=tmp_path)
@@ -41,7 +55,7 @@ def test_kernel_paths_builds_and_compares_each_setting(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("| native", "| portable-avx2"))]
     assert len(lines) == 2, proc.stdout
-    assert "| DEFAULT | 1 |" in lines[1]  # the portable path, whatever the variables say
+    assert "| DEFAULT | 2 |" in lines[1]  # the portable path, whatever the variables say
     assert (tmp_path / "k" / "kernel_paths.json").is_file()
 
 
@@ -54,9 +68,9 @@ def test_gpu_benchmark_tiny_mode_prints_every_family_and_method(tmp_path):
              if line.startswith("| ") and not line.startswith("| family")]
     train = {(r[0], r[1]): [float(x) for x in r[2:]] for r in cells if len(r) == 7}
     generate = {r[0]: [float(x) for x in r[1:]] for r in cells if len(r) == 6}
-    assert set(train) == {(f, m) for f in families for m in METHODS}, proc.stdout
+    assert set(train) == {(f, m) for f in families for m in [*METHODS, "sap_every_step"]}, proc.stdout
     assert set(generate) == set(families), proc.stdout
     assert all(math.isfinite(v) and v > 0 for row in [*train.values(), *generate.values()] for v in row), proc.stdout
     assert all(train[f, "sft"][3:] == [1.0, 1.0] for f in families)  # ratios to itself
     saved = json.loads((tmp_path / "gpu_bench.json").read_text())["results"]
-    assert set(saved) == set(families) and set(saved["gemma2_9b_it"]["train"]) == set(METHODS)
+    assert set(saved) == set(families) and set(saved["gemma2_9b_it"]["train"]) == {*METHODS, "sap_every_step"}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from safeprobe import kernels
 from safeprobe.config import PROJECT_ROOT, RunError
 from tests.conftest import FAST
 
@@ -42,13 +43,12 @@ def test_the_portable_path_gives_identical_results_under_another_simd_level(tmp_
     there, there_env = train(tmp_path, "portable_avx2", ANOTHER_CPU, "cpu_kernels=portable")
     assert here_env["cpu_kernels"] == there_env["cpu_kernels"] == "portable"
     assert here_env["machine"]["cpu_capability"] == there_env["machine"]["cpu_capability"] == "DEFAULT"
-    assert here_env["machine"]["threads"] == there_env["machine"]["threads"] == 1
+    assert here_env["machine"]["threads"] == there_env["machine"]["threads"] == kernels.THREADS
     assert here_env["start_weights_sha256"] == there_env["start_weights_sha256"]
     assert here == there  # every metric, bit for bit
 
 
 def test_the_portable_path_needs_a_fresh_process(monkeypatch):
-    from safeprobe import kernels
 
     torch.ones(3).add_(1)  # this process already runs the native kernels
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT":

@@ -207,3 +207,21 @@ def test_probe_examples_finds_the_probe_on_the_batch_s_first_examples(make_cfg):
         with module.update_context(batch):
             stepped = module.vectors
     assert torch.equal(stepped, on_head)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_the_direction_in_chunks_of_pairs_equals_the_direction_in_one_pass(make_cfg, chunk):
+    c, module, dm = setup(make_cfg, "probe.temperature=0.1")  # sharp weights: the rescaling between chunks matters
+    pairs = first_batch(dm)["safety"]
+    module.model.eval()  # no dropout: both computations see the same model
+    whole = module.unsafe_direction(pairs)
+    assert module.safety_chunk(pairs["input_ids"].shape[0] // 2) == pairs["input_ids"].shape[0] // 2  # one chunk here
+    module.probe_cfg.safety_chunk = chunk
+    chunked = module.unsafe_direction(pairs)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))
+
+
+def test_by_default_the_direction_pass_holds_no_more_sequences_than_the_task_batch(make_cfg):
+    c, module, dm = setup(make_cfg, "data.batch_size=4", "data.safety_batch_size=8")
+    assert module.safety_chunk(8) == 2  # 4 sequences a backward, as the update's
+    assert module.safety_chunk(2) == 2  # 4 sequences: one pass

@@ -174,14 +174,17 @@ class ProbeConfig:
     mode: str = "clean"  # clean | faithful (the reference code's stateful, stale Adam probe)
     temperature: float = 1.0
     contrast: str = "sequence"  # sequence: whole answers (the paper) | decision: up to the first differing token
-    refresh_every: int = 1  # steps between new unsafe directions and probes (kept in between); 1: every step
+    refresh_every: int = 16  # steps between new unsafe directions and probes (kept in between); 1: every step
     probe_examples: int | None = None  # task examples the probe search reads (the batch's first n); None: all
+    safety_chunk: int | None = None  # safety pairs per backward of the direction pass; None: within the task batch
 
     def __post_init__(self):
         require(self.eps >= 0, "probe.eps", self.eps, "a number >= 0")
         require(self.refresh_every >= 1, "probe.refresh_every", self.refresh_every, "an integer >= 1")
         require(self.probe_examples is None or self.probe_examples >= 1, "probe.probe_examples", self.probe_examples,
                 "null (the whole batch) or an integer >= 1")
+        require(self.safety_chunk is None or self.safety_chunk >= 1, "probe.safety_chunk", self.safety_chunk,
+                "null (as many as the task batch holds) or an integer >= 1")
         require(self.harmful_step >= 0, "probe.harmful_step", self.harmful_step, "a number >= 0")
         require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers),
                 "probe.layers", list(self.layers), "a non-empty list of distinct decoder-layer indices >= 0")

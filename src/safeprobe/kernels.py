@@ -6,7 +6,9 @@ fine-tuning amplifies them: two x86-64 CPUs give different numbers for the same 
 
 - `native`: the fastest path this CPU offers; identical results on this machine only.
 - `portable`: one path for every x86-64 CPU: PyTorch's baseline kernels
-  (ATEN_CPU_CAPABILITY=default), MKL's SSE2 path (MKL_CBWR=COMPATIBLE), one thread.
+  (ATEN_CPU_CAPABILITY=default), MKL's SSE2 path (MKL_CBWR=COMPATIBLE), two threads on any
+  machine (a fixed count: a parallel sum splits the same way everywhere; MKL reproduces across
+  CPUs only for equal thread counts).
 - `auto` (default): portable for the synthetic world, native for pretrained models.
 
 Both libraries read their setting at their first kernel, so the path is set at the start of
@@ -26,6 +28,7 @@ from safeprobe.config import RunError
 
 log = logging.getLogger(__name__)
 PORTABLE = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+THREADS = 2  # fixed, whatever the machine has: the same split of every parallel sum everywhere
 _pinned: list[str] = []  # ["portable"] once this process is on that path
 
 
@@ -49,11 +52,11 @@ def pin(mode: str, model_kind: str, accelerator: str) -> str:
                            "kernels (a sweep that mixes cpu_kernels values: run one sweep per value)")
         log.info("cpu_kernels=auto: this process already runs %s kernels; it stays on the native path", capability)
         return "native"
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     _pinned.append("portable")
     return "portable"
 
 
 def cache_tag() -> dict:
-    """Added to cache keys: a model built on the portable path is another model."""
-    return {"cpu_kernels": _pinned[0]} if _pinned else {}
+    """Added to cache keys: a model built on the portable path (with its thread count) is another model."""
+    return {"cpu_kernels": _pinned[0], "threads": THREADS} if _pinned else {}

@@ -9,6 +9,11 @@ Per batch (task batch B, safety pairs S):
   4. update  one optimizer step on L(theta, V*), the probe held fixed (FineTuneModule's
      step, run inside `update_context`).
 
+Steps 1-3 run every `probe.refresh_every` steps (default 16); in between, the update uses the
+last probe (one vector per probed layer, whatever the batch). The paper refreshes every step
+(refresh_every=1) at 3.3-4.7x SFT's step time; every 16 steps costs 1.1-1.2x with the same
+measured effect in the synthetic world (docs/performance.md).
+
 `probe.mode=faithful` reproduces the reference code instead: V is an AdamW-optimized
 tensor (lr = eps) whose moments persist across steps, zeroed and re-stepped after each
 update, so the probe used at step t was found on batch t-1, and the L(theta, V) half of
@@ -34,6 +39,14 @@ from safeprobe.models.factory import model_depth
 def first(batch: dict, n: int | None) -> dict:
     """The batch's first n examples (all when n is None)."""
     return batch if n is None else {k: v[:n] for k, v in batch.items()}
+
+
+def pair_rows(pairs: dict, start: int, stop: int) -> dict:
+    """Pairs start..stop-1 of a pair batch (B safe rows, then B harmful rows), in the same layout."""
+    n = pairs["input_ids"].shape[0] // 2
+    if (start, stop) == (0, n):
+        return pairs
+    return {k: torch.cat([v[start:stop], v[n + start:n + stop]]) for k, v in pairs.items()}
 
 
 def global_norm(tensors) -> torch.Tensor:
@@ -82,20 +95,42 @@ class SAPModule(FineTuneModule):
         A well-aligned model has large margins, so sigmoid(-m_i) underflows and grad L_c
         vanishes in floating point. g_hat does not depend on a positive rescaling of those
         weights, so they are divided by their largest value first: the same unit vector,
-        computed without underflow."""
+        computed without underflow.
+
+        The pairs go through in chunks of `safety_chunk()` pairs, so that this pass never holds
+        more activations than the update pass; each chunk's sum is rescaled to the largest
+        weight seen so far, which gives the one-chunk result up to float rounding."""
         params = self.trainable_parameters()
         if self.probe_cfg.contrast == "decision":
             pairs = up_to_first_difference(pairs)
-        logp = sequence_logprobs(self.model, pairs)
-        safe, harm = logp.chunk(2)
-        margin = (safe - harm) / self.probe_cfg.temperature
-        log_w = F.logsigmoid(-margin).detach()
-        surrogate = -((log_w - log_w.max()).exp() * margin).sum()
-        grads = torch.autograd.grad(surrogate, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        norm = global_norm(grads)
-        self.log("sap/safety_loss", -F.logsigmoid(margin.detach()).mean(), batch_size=1)
-        return [g / norm if norm > 0 else g for g in grads]
+        n = pairs["input_ids"].shape[0] // 2
+        size = self.safety_chunk(n)
+        total, top, losses = None, None, []
+        for start in range(0, n, size):
+            safe, harm = sequence_logprobs(self.model, pair_rows(pairs, start, min(start + size, n))).chunk(2)
+            margin = (safe - harm) / self.probe_cfg.temperature
+            log_w = F.logsigmoid(-margin).detach()
+            losses.append(-F.logsigmoid(margin.detach()))
+            high = log_w.max()
+            grads = torch.autograd.grad(-((log_w - high).exp() * margin).sum(), params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            if total is None:
+                total, top = grads, high
+            elif high > top:  # this chunk holds the largest weight: rescale the sum so far to it
+                total, top = [t * (top - high).exp() + g for t, g in zip(total, grads)], high
+            else:
+                total = [t + g * (high - top).exp() for t, g in zip(total, grads)]
+        norm = global_norm(total)
+        self.log("sap/safety_loss", torch.cat(losses).mean(), batch_size=1)
+        return [g / norm if norm > 0 else g for g in total]
+
+    def safety_chunk(self, n_pairs: int) -> int:
+        """Pairs per chunk of the direction pass: probe.safety_chunk, or (null) as many as keep the
+        chunk's 2 sequences per pair within the task batch's count."""
+        if self.probe_cfg.safety_chunk is not None:
+            return self.probe_cfg.safety_chunk
+        batch = self.cfg.data.batch_size
+        return n_pairs if 2 * n_pairs <= batch else max(1, batch // 2)
 
     @contextmanager
     def perturbed(self, direction: list[torch.Tensor]):
