@@ -61,3 +61,14 @@ def test_the_portable_path_needs_a_fresh_process(monkeypatch):
     assert kernels.pin("auto", "synthetic", "cpu") == "native"  # auto stays where the process is
     assert kernels.pin("portable", "synthetic", "gpu") == "native"  # GPU runs are not affected
     assert kernels.pin("native", "synthetic", "cpu") == "native"
+
+
+def test_reports_name_another_cpu_only_where_it_decides_the_bits():
+    from safeprobe.reporting.environments import environment_differences
+
+    def env(cpu: str, path: str) -> dict:
+        return {"cpu_kernels": path, "machine": {"cpu": cpu, "cpu_capability": "DEFAULT", "threads": 2}}
+
+    assert environment_differences({"a": env("AMD EPYC", "portable"), "b": env("Intel Xeon", "portable")}) == []
+    native = environment_differences({"a": env("AMD EPYC", "native"), "b": env("Intel Xeon", "native")})
+    assert native == ['CPU: "AMD EPYC" (a), "Intel Xeon" (b)']

@@ -105,8 +105,8 @@ def check_targets(model: torch.nn.Module, cfg: AdapterConfig) -> None:
         return
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"adapter.target_modules={targets!r} is invalid ({', '.join(missing)} not in the model); "
                           f"allowed: all-linear or names of the model's layers, e.g. {', '.join(linear)}")
 

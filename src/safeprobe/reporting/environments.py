@@ -21,6 +21,8 @@ def environment_differences(envs: dict[str, dict]) -> list[str]:
     `SIMD capability: AVX512 (run a), AVX2 (run b)`; [] when they agree. Such runs are not
     expected to agree bit for bit (docs/reproducibility.md)."""
     fields = dict(COMPARED)
+    if all(env.get("cpu_kernels") == "portable" for env in envs.values()):
+        del fields["CPU"]  # the portable path computes the same bits on any x86-64 CPU (kernels.py)
     packages = sorted({p for env in envs.values() for p in (env.get("packages") or {})})
     fields.update({f"package {p}": ("packages", p) for p in packages})
     lines = []
