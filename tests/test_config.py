@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from safeprobe.config import CONF_DIR, ConfigError, check_cli_overrides, validate
-from safeprobe.methods import METHODS
+from safeprobe.methods import METHODS, fine_tuning_methods
 from safeprobe.pipeline import run
 from tests.conftest import run_script
 
@@ -41,7 +41,7 @@ BAD = {
     "layer beyond depth": (["model=synthetic_micro", "probe.layers=[2,4]"],
                            "probe.layers=[2, 4] is invalid; allowed: decoder-layer indices in [0, 3] (the model has 4 layers)"),
     "poison ratio": (["data.poison_ratio=1.5"], "data.poison_ratio=1.5 is invalid; allowed: a number in [0, 1]"),
-    "unknown method": (["method=dpo"], f"method=dpo is not a known option; allowed: {', '.join(sorted(METHODS))}"),
+    "unknown method": (["method=dpo"], f"method=dpo is not a known option; allowed: {', '.join(fine_tuning_methods())}"),
     "unknown method in a sweep": (["-m", "method=sft,dpo"], "method=dpo is not a known option; allowed: csft, ldifs"),
     "method key of the default method": (["method.rhoo=1"], "unknown key 'method.rhoo' for method=sap; allowed keys under 'method': name"),
     "method key of another method": (["method=sft", "method.rho=1"], "unknown key 'method.rho' for method=sft; allowed keys under 'method': name"),

@@ -19,7 +19,7 @@ from safeprobe.data.formatting import (
     encode,
     with_input,
 )
-from safeprobe.methods import METHODS, build_method, method_spec
+from safeprobe.methods import build_method, fine_tuning_methods, method_spec
 from safeprobe.methods.losses import task_loss
 from safeprobe.methods.probe import Probe
 from safeprobe.models.factory import apply_adapter, decoder_layers, formatter, load_base
@@ -84,7 +84,7 @@ def test_probe_hooks_add_the_vector_to_each_probed_mlp(make_cfg, family):
 # every registered method, with settings that make it read its other streams on 4 training
 # examples: SafeInstr mixes 2 alignment examples in (the default 3% of 4 rounds to none), or
 # reads the alignment stream (joint); Lisa's one step is an alignment step (align_steps > 0)
-METHOD_CASES = {**{m: [f"method={m}"] for m in sorted(METHODS)},
+METHOD_CASES = {**{m: [f"method={m}"] for m in fine_tuning_methods()},
                 "safeinstr": ["method=safeinstr", "method.share=0.5"],
                 "safeinstr_joint": ["method=safeinstr", "method.mode=joint"]}
 

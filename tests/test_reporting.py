@@ -270,3 +270,26 @@ def test_the_report_warns_when_compared_jobs_ran_on_different_kernel_paths(sweep
     summary = (sweep / "summary.md").read_text()
     assert f"- SIMD capability: \"AVX512\" ({len(jobs) - 1} runs), \"AVX2\" ({jobs[1].name})" in summary
     assert "- starting weights (sha256) differ between jobs with the same model and alignment settings" in summary
+
+
+def test_each_defense_is_paired_with_its_matching_sft_control(tmp_path):
+    """Alignment-stage defenses against align=sft + SFT (their papers' control), compositions
+    with a fine-tuning method and repairs against the same control, fine-tuning-stage ones
+    against plain SFT."""
+    d = tmp_path / "defenses"
+    settings = {"plain": ["method=sft"], "sap": ["method=sap"], "safelora": ["method=sft", "post=safelora"],
+                "sap+safelora": ["method=sap", "post=safelora"], "aligned": ["align=sft", "method=sft"],
+                "vaccine": ["align=vaccine", "align.method.rho=2", "method=sft"],
+                "vaccine+sap": ["align=vaccine", "method=sap"], "aligned+sap": ["align=sft", "method=sap"]}
+    num = 0
+    for seed in range(2):
+        for overrides in settings.values():
+            method = next(o.split("=")[1] for o in overrides if o.startswith("method="))
+            write_job(d, num, [*overrides, f"seed={seed}", "data=synthetic_poison"], results(method, seed, 1.0))
+            num += 1
+    g = {label: group.reference.label if group.reference else None for label, group in by_label(aggregate([d])).items()}
+    control, aligned = "method=sft", "align=sft, method=sft"
+    assert g == {control: None, "method=sap": control, "method=sft, post=safelora": control,
+                 "method=sap, post=safelora": control, aligned: None,
+                 "align.method.rho=2, align=vaccine, method=sft": aligned, "align=vaccine, method=sap": aligned,
+                 "align=sft, method=sap": aligned}

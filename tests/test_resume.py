@@ -16,11 +16,11 @@ import pytest
 from safeprobe import checkpoint
 from safeprobe.cli import Interrupted
 from safeprobe.config import PROJECT_ROOT, ConfigError, RunError
-from safeprobe.methods import METHODS
+from safeprobe.methods import fine_tuning_methods
 from tests.conftest import FAST, run_script
 
 STEPS = ["trainer.max_steps=6"]
-SETTINGS = {name: [f"method={name}"] for name in METHODS}
+SETTINGS = {name: [f"method={name}"] for name in fine_tuning_methods()}
 SETTINGS["lisa"] += ["method.align_steps=2", "method.finetune_steps=2"]  # the stop falls inside a state
 SETTINGS["sap faithful"] = ["method=sap", "probe.mode=faithful"]
 SETTINGS["sap refresh"] = ["method=sap", "probe.refresh_every=2"]  # the probe kept across the stop

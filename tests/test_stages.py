@@ -137,3 +137,61 @@ def test_the_fine_tuning_learning_rate_does_not_rebuild_the_alignment_stage(make
     c, _, splits, fmt = stage_inputs(make_cfg)
     c2, _, splits2, fmt2 = stage_inputs(make_cfg, "optim.lr=0.01")
     assert key_of(alignment_spec(c, splits, fmt)) == key_of(alignment_spec(c2, splits2, fmt2))
+
+
+def test_the_base_variant_is_the_chat_model_trained_without_its_safety_data(make_cfg, micro):
+    from safeprobe.synthetic.align import cache_spec
+    from safeprobe.synthetic.world import REFUSAL, World
+
+    world = World(micro.model.world)
+    chat, base = world.alignment_set(), world.base_set()
+    assert [e.prompt for e in chat] == [e.prompt for e in base]  # row for row: same batches in training
+    changed = [(a, b) for a, b in zip(chat, base, strict=True) if a != b]
+    assert changed and all(a.response == REFUSAL and b.response != REFUSAL for a, b in changed)
+    c = validate(make_cfg("model.variant=base"))
+    assert "variant" not in cache_spec(micro.model) and cache_spec(c.model)["variant"] == "base"  # chat: its old key
+    chat_run = run(make_cfg("method=sft", "trainer.max_steps=1", "eval.n_harmful=16"))
+    base_run = run(make_cfg("method=sft", "trainer.max_steps=1", "eval.n_harmful=16", "model.variant=base"))
+    assert chat_run["before"]["refusal_margin"] > 0 > base_run["before"]["refusal_margin"]
+    assert base_run["before"]["harmful_score"] > chat_run["before"]["harmful_score"]
+
+
+def test_single_lora_fine_tunes_the_stages_lora_and_eval_py_rebuilds_the_model(make_cfg, micro, tmp_path):
+    from omegaconf import OmegaConf
+
+    from safeprobe.pipeline import evaluate_run
+
+    c, base, splits, fmt = stage_inputs(make_cfg, "align.lora=single")
+    assert alignment_spec(c, splits, fmt) == alignment_spec(*stage_inputs(make_cfg)[::2], fmt)  # same stage built
+    stage = alignment_stage(base, c, splits, fmt)
+    assert stage.adapter_continued and hasattr(stage.model, "peft_config")  # not merged
+    lora = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora) and any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+
+    results = run(make_cfg("align=sft", "align.steps=3", "align.lora=single", "method=ldifs", "eval.n_harmful=4"))
+    assert results["stages"][0]["lora"] == "single" and results["train"]["steps"] == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == len(lora)  # one LoRA: the stage's, trained on
+    assert all(not torch.equal(saved[k], p) for k, p in zip(sorted(saved), [lora[n] for n in sorted(lora)], strict=True)
+               if "lora_B" in k)
+    again = evaluate_run(OmegaConf.create({"run_dir": str(tmp_path / "run"),
+                                           "paths": {"output_dir": str(tmp_path / "eval")}}))
+    assert again["after"] == results["after"]  # the stage's LoRA with the fine-tuned values, nothing stacked
+
+
+def test_under_single_lora_the_initial_model_is_the_aligned_one(make_cfg, micro):
+    from safeprobe.methods import build_method
+
+    c, base, splits, fmt = stage_inputs(make_cfg, "align.lora=single", "method=ldifs")
+    model = alignment_stage(base, c, splits, fmt).model
+    module = build_method(model, c)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    model.eval()
+    with torch.no_grad():
+        aligned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            unaligned = model(input_ids=ids).logits
+    with module.initial_model() as start:
+        assert torch.equal(start(input_ids=ids).logits, aligned) and not torch.equal(aligned, unaligned)

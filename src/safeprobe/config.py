@@ -128,6 +128,10 @@ class AlignmentConfig:
 class ModelConfig:
     kind: str = "synthetic"  # synthetic: built and aligned here; pretrained: HF id or folder
     name_or_path: str | None = None
+    # synthetic: chat (safety-aligned, the default) | base (the same model trained without safety data)
+    variant: str = "chat"
+    # the unaligned model of the same architecture, for post=safelora (pretrained; synthetic: its base variant)
+    base_name_or_path: str | None = None
     arch: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs (synthetic)
     world: WorldConfig = field(default_factory=WorldConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
@@ -139,12 +143,23 @@ class ModelConfig:
     def __post_init__(self):
         one_of("model.kind", self.kind, ("synthetic", "pretrained"))
         one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.kind == "synthetic":
+            one_of("model.variant", self.variant, ("chat", "base"))
+        else:
+            require(self.variant == "chat", "model.variant", self.variant,
+                    "chat (a pretrained model's base model is another model.name_or_path)")
         if self.kind == "pretrained":
             require(bool(self.name_or_path), "model.name_or_path", self.name_or_path,
                      "a Hugging Face model id or a local folder")
             local = str(self.name_or_path).startswith(("/", "./", "../", "~"))  # a Hub id is <org>/<name>
             require(not local or Path(self.name_or_path).expanduser().is_dir(), "model.name_or_path",
                     self.name_or_path, "a Hugging Face model id or an existing local folder")
+            base = self.base_name_or_path
+            require(base is None or not str(base).startswith(("/", "./", "../", "~")) or Path(base).expanduser().is_dir(),
+                    "model.base_name_or_path", base, "null, a Hugging Face model id or an existing local folder")
+        else:
+            require(self.base_name_or_path is None, "model.base_name_or_path", self.base_name_or_path,
+                    "null (the synthetic world's base model is model.variant=base)")
 
 
 @dataclass
@@ -396,12 +411,14 @@ class AlignConfig:
     lr: float = 1e-3
     batch_size: int = 16
     seed: int = 0
+    lora: str = "double"  # double: merge the stage's LoRA, fine-tune a fresh one; single: fine-tune the stage's LoRA
 
     def __post_init__(self):
         require(self.steps >= 1, "align.steps", self.steps, "an integer >= 1")
         require(self.lr > 0 and math.isfinite(self.lr), "align.lr", self.lr, "a finite number > 0")
         require(self.batch_size >= 1, "align.batch_size", self.batch_size, "an integer >= 1")
         require_seed("align.seed", self.seed)
+        one_of("align.lora", self.lora, ("double", "single"))
 
 
 @dataclass
@@ -415,6 +432,7 @@ class TrainConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     method: Any = field(default_factory=lambda: {"name": "sap"})  # checked against the method's registered config
     align: AlignConfig = field(default_factory=AlignConfig)
+    post: Any = None  # the post-fine-tuning repair (conf/post): None, or a node such as {name: safelora}
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -485,7 +503,7 @@ def method_config(node: Any, path: str = "method") -> Any:
     node = OmegaConf.create(to_plain(node) if node is not None else {})
     if "name" not in node:
         raise ConfigError(f"{path}.name is missing; allowed: one of the registered methods (conf/method/)")
-    spec = method_spec(node.name)
+    spec = method_spec(node.name, path)
     _check_keys(node, spec.config, path)
     return _typed(spec.config, node, path)
 
@@ -516,6 +534,12 @@ def validate(cfg: DictConfig, schema: type = TrainConfig) -> Any:
         typed.method = method_config(typed.method)
         if typed.align.method is not None:
             typed.align.method = method_config(typed.align.method, "align.method")
+        if typed.post is not None and to_plain(typed.post).get("name") is not None:
+            from safeprobe.post import post_config
+
+            typed.post = post_config(typed.post)
+        else:
+            typed.post = None
     _check_finite(typed)
     return typed
 
@@ -528,7 +552,8 @@ def check_probe_layers(layers: list[int], n_layers: int) -> None:
 
 # --------------------------------------------------------------- command-line checks
 
-GROUPS = ("model", "adapter", "method", "probe", "align", "data", "eval", "trainer", "logger", "experiment", "paths")
+GROUPS = ("model", "adapter", "method", "probe", "align", "post", "data", "eval", "trainer", "logger", "experiment",
+          "paths")
 
 
 def group_options(group: str) -> list[str]:
@@ -578,6 +603,13 @@ def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
                 if chosen and len(chosen) > 1 and part not in _method_keys(first) and not o.input_line.startswith("+"):
                     raise ConfigError(f"a sweep over methods composes the default method first, which lacks "
                                       f"'{key}'; write it as '++{o.input_line}'")
+                break
+            if path == "post":  # the keys of the repairs (post/)
+                from safeprobe.post import REPAIRS
+
+                allowed = sorted({f.name for spec in REPAIRS.values() for f in dataclasses.fields(spec.config)})
+                if part not in allowed:
+                    raise ConfigError(f"unknown key '{key}'; allowed keys under 'post': {', '.join(allowed)}")
                 break
             if ".".join(parts[: i + 1]) in _FREE_FORM or node is None:
                 break

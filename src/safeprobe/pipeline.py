@@ -3,11 +3,13 @@
     config -> base model (aligned synthetic model, cached; or a pretrained one)
            -> [alignment stage: align.method re-aligns it, cached]            stages.py
            -> evaluate before -> adapter -> method module + data module -> Trainer.fit
-           -> evaluate after -> results.json, adapter, loggers
+           -> evaluate after -> [post-fine-tuning repair, evaluate again]      post/
+           -> results.json, adapter, loggers
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -22,11 +24,13 @@ from safeprobe.config import (
     PROJECT_ROOT,
     ConfigError,
     EvalRunConfig,
+    ModelConfig,
     TrainConfig,
     to_plain,
     validate,
 )
 from safeprobe.data.datamodule import SafetyDataModule, Splits, synthetic_splits
+from safeprobe.data.formatting import collate, encode
 from safeprobe.evaluation.evaluate import evaluate
 from safeprobe.methods import build_method, method_spec
 from safeprobe.models.factory import (
@@ -38,6 +42,7 @@ from safeprobe.models.factory import (
     load_base,
     save_adapter,
 )
+from safeprobe.post import PostContext, apply_repair
 from safeprobe.reporting.jobs import ERROR_FILE
 from safeprobe.stages import alignment_stage, stage_config
 from safeprobe.tracking import (
@@ -72,8 +77,13 @@ def _hydra_job() -> tuple[str | None, str | None]:
 def data_needed(c: TrainConfig) -> tuple[str, ...]:
     """The data sets the fine-tuning method and the alignment stage's method read."""
     needed = method_spec(c.method.name).module.data_needed(c)
-    if c.align.method is not None:
-        needed += ("alignment",) + method_spec(c.align.method.name).module.data_needed(stage_config(c))
+    if c.align.method is not None:  # the stage's safety pairs are the alignment prompts' (stages.py)
+        stage = method_spec(c.align.method.name, "align.method").module.data_needed(stage_config(c))
+        needed += ("alignment",) + tuple("harmful" if s == "safety" else s for s in stage)
+    if c.post is not None:
+        from safeprobe.post import REPAIRS
+
+        needed += REPAIRS[c.post.name].data_needed
     return tuple(dict.fromkeys(needed))
 
 
@@ -108,11 +118,15 @@ def _cell(metrics: dict, key: str) -> str:
 
 
 def print_table(results: dict) -> None:
-    before, after = results.get("before") or {}, results["after"]
-    lines = [f"{'metric':<22}{'before':>10}{'after':>10}"]
+    columns = {"before": results.get("before") or {}}
+    if "before_repair" in results:  # a post-fine-tuning repair ran: the fine-tuned model, then the repaired one
+        columns.update({"fine-tuned": results["before_repair"], "repaired": results["after"]})
+    else:
+        columns["after"] = results["after"]
+    lines = [f"{'metric':<22}" + "".join(f"{k:>11}" for k in columns)]
     for k in METRICS:
-        if k in after:
-            lines.append(f"{k:<22}{_cell(before, k)}{_cell(after, k)}")
+        if k in results["after"]:
+            lines.append(f"{k:<22}" + "".join(f" {_cell(m, k)}" for m in columns.values()))
     print(f"\n{results['method']} (seed {results['seed']})\n" + "\n".join(lines) + "\n", flush=True)
 
 
@@ -145,6 +159,7 @@ def run(cfg: DictConfig) -> dict:
     method_spec(c.method.name).module.check_config(c)  # e.g. probe layers vs depth
     base = load_base(c.model, c.paths.cache_dir)
     check_targets(base.model, c.adapter)
+    check_post(c)
     splits = build_splits(base, c)
     fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
     base = alignment_stage(base, c, splits, fmt)
@@ -180,7 +195,7 @@ def run(cfg: DictConfig) -> dict:
         else:
             results["before"] = evaluate(base.model.to(eval_device(c)), **ev) if c.eval.before else None
         phase = "fine-tuning"
-        model = apply_adapter(base.model, c.adapter)
+        model = base.model if base.adapter_continued else apply_adapter(base.model, c.adapter)
         model.train()  # HF models load in eval mode and Lightning leaves it: no dropout, no gradient checkpointing
         module = build_method(model, c)
         if start is not None:
@@ -193,6 +208,13 @@ def run(cfg: DictConfig) -> dict:
                             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
                             "dropped_examples": data.dropped, "resumed_from_step": start["step"] if start else None}
         phase = "evaluating the fine-tuned model"
+        if c.post is not None:  # the fine-tuned model, then the repaired one (which is saved)
+            results["before_repair"] = evaluate(model.to(eval_device(c)), **ev,
+                                                generations_path=out / "generations_before_repair.jsonl")
+            phase = f"repairing the fine-tuned model ({c.post.name})"
+            results["stages"].append({"stage": "post-fine-tuning",
+                                      **apply_repair(model, post_context(c, splits, base.tokenizer, fmt), c.post)})
+            phase = "evaluating the repaired model"
         results["after"] = evaluate(model.to(eval_device(c)), **ev, generations_path=out / "generations.jsonl")
         results["eval"] = {"judges": list(c.eval.judges), "split": c.eval.split,
                            "n_harmful": len(splits.harmful_eval[: c.eval.n_harmful]),
@@ -216,6 +238,66 @@ def run(cfg: DictConfig) -> dict:
         raise
     finish(loggers, failed=False)
     return results
+
+
+def unaligned_model_config(c: TrainConfig) -> ModelConfig:
+    """The model before safety alignment, of the run's architecture (SafeLoRA's base): the model
+    before the alignment stage when there is one; else the synthetic world's base variant, or
+    model.base_name_or_path."""
+    if c.align.method is not None:
+        return c.model
+    if c.model.kind == "synthetic":
+        return dataclasses.replace(c.model, variant="base")
+    if not c.model.base_name_or_path:
+        raise ConfigError(f"model.base_name_or_path=null is invalid with post={c.post.name}; allowed: the unaligned "
+                          f"model of {c.model.name_or_path}'s architecture (a Hub id or a local folder), or an "
+                          "alignment stage (align=...), whose starting model is then the unaligned one")
+    return dataclasses.replace(c.model, name_or_path=c.model.base_name_or_path, base_name_or_path=None)
+
+
+def check_post(c: TrainConfig) -> None:
+    """SafeLoRA's needs, before any work: LoRA, a fine-tuning LoRA of its own, an unaligned model."""
+    if c.post is None or c.post.name != "safelora":
+        return
+    if c.adapter.kind != "lora":
+        raise ConfigError("post=safelora is invalid with adapter=full; allowed: adapter=lora (SafeLoRA projects a "
+                          "LoRA's update)")
+    if c.align.method is not None and c.align.lora == "single":
+        raise ConfigError("post=safelora is invalid with align.lora=single; allowed: align.lora=double (a single LoRA "
+                          "holds the alignment stage's update too, which SafeLoRA would project away)")
+    unaligned_model_config(c)
+
+
+def post_context(c: TrainConfig, splits: Splits, tokenizer, fmt) -> PostContext:
+    """What the repairs read: the unaligned model (loaded when asked for) and harmful calibration batches."""
+    def base_model() -> torch.nn.Module:
+        return load_base(unaligned_model_config(c), c.paths.cache_dir).model.to(eval_device(c))
+
+    def calibration_batches(n: int, batch_size: int = 8) -> list[dict]:
+        rows = [encode(tokenizer, fmt, e.prompt, e.response, c.data.safety_max_length or c.data.max_length)
+                for e in splits.harmful[:n]]
+        rows = [r for r in rows if r is not None]
+        return [collate(rows[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(rows), batch_size)]
+
+    return PostContext(base_model, calibration_batches, eval_device(c))
+
+
+def run_model(base: Base, adapter: Path) -> torch.nn.Module:
+    """A saved run's fine-tuned model: its adapter on its starting model. A LoRA continued from
+    the alignment stage (align.lora=single) holds the stage's part too: its weights replace the
+    stage's in place."""
+    if not base.adapter_continued:
+        return load_adapter(base.model, adapter)
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        set_peft_model_state_dict(base.model, load_file(adapter / "adapter_model.safetensors"))
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise ConfigError(f"the adapter folder {str(adapter)!r} is invalid ({type(e).__name__}); allowed: a folder "
+                          "as train.py saved it (save_adapter=true), whole and unedited") from None
+    return base.model
 
 
 def harmful_set_name(c: TrainConfig) -> str:
@@ -313,7 +395,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
         fmt = formatter(base, c.data.prompt_format, c.data.system_prompt)
         base = alignment_stage(base, c, splits, fmt)  # the run's starting model (cached), then its adapter
         results["environment_warnings"] = compare_environment(run_dir, weights_checksum(base.model), path)
-        model = load_adapter(base.model, run_dir / "adapter").to(eval_device(c))
+        model = run_model(base, run_dir / "adapter").to(eval_device(c))
         with torch.no_grad():
             results["after"] = evaluate(model, base.tokenizer, fmt, splits, c.eval, c.data.max_length,
                                         out / "generations.jsonl")

@@ -48,25 +48,32 @@ class Splits:
     harmful_val: list[SafetyPair] = field(default_factory=list)  # scored as val/... next to a test split
     alignment: list[Example] = field(default_factory=list)  # harmful prompt -> refusal / safe answer
     harmful: list[Example] = field(default_factory=list)  # harmful prompt -> harmful answer
+    alignment_pairs: list[SafetyPair] = field(default_factory=list)  # rows with both: the stage's pairs
+    # benign prompts -> helpful answers: the helpful half of the provider's alignment data, which the
+    # alignment stage trains on next to the refusals (synthetic world; real base models bring it)
+    helpful: list[Example] = field(default_factory=list)
 
 
-def alignment_streams(pairs: list[SafetyPair], n: int | None, seed: int) -> tuple[list[Example], list[Example]]:
-    """(alignment, harmful) examples from (prompt, safe, harmful) rows: the first n after a
-    seeded shuffle; rows without a harmful answer feed the alignment stream only."""
+def alignment_streams(pairs: list[SafetyPair], n: int | None, seed: int) -> tuple[list[Example], list[Example],
+                                                                                 list[SafetyPair]]:
+    """(alignment, harmful, paired) from (prompt, safe, harmful) rows: the first n after a
+    seeded shuffle; rows without a harmful answer feed the alignment stream only, the rows with
+    both are the paired set (the safety stream of an alignment stage, e.g. RepNoise's pairs)."""
     rows = list(pairs)
     random.Random(seed).shuffle(rows)
     rows = rows[:n]
     return ([Example(p.prompt, p.safe) for p in rows if p.safe],
-            [Example(p.prompt, p.harmful) for p in rows if p.harmful])
+            [Example(p.prompt, p.harmful) for p in rows if p.harmful],
+            [p for p in rows if p.safe and p.harmful])
 
 
 def synthetic_splits(world, cfg: DataConfig, eval_split: str) -> Splits:
     train, test = world.task_sets(cfg.task)
     val = world.harmful_eval_set("val") if eval_split == "test" else []
     source = world.alignment_pairs() if cfg.alignment_set == "world" else world.safety_pairs()
-    alignment, harmful = alignment_streams(source, cfg.n_alignment, cfg.shuffle_seed)
+    alignment, harmful, paired = alignment_streams(source, cfg.n_alignment, cfg.shuffle_seed)
     return Splits(train, test, world.poison_set(), world.safety_pairs(), world.harmful_eval_set(eval_split),
-                  world.benign_eval_set(), cfg.task, val, alignment, harmful)
+                  world.benign_eval_set(), cfg.task, val, alignment, harmful, paired, world.helpful_set())
 
 
 def mix_training_set(splits: Splits, n: int, poison_ratio: float, seed: int, n_safety: int = 0,

@@ -260,7 +260,8 @@ def hub_splits(cfg: DataConfig, eval_split: str, streams: tuple[str, ...] = ("ta
     train, test = task_sets(cfg)
     splits = Splits(train, test, poison_set(cfg), safety_pairs(cfg), harmful_eval_set(cfg), [], cfg.task)
     if {"alignment", "harmful"} & set(streams):
-        splits.alignment, splits.harmful = alignment_streams(alignment_pairs(cfg), cfg.n_alignment, cfg.shuffle_seed)
+        splits.alignment, splits.harmful, splits.alignment_pairs = alignment_streams(
+            alignment_pairs(cfg), cfg.n_alignment, cfg.shuffle_seed)
     log.info("data: %d task train, %d task held-out, %d poison, %d safety pairs, %d alignment, %d harmful, "
              "%d harmful eval prompts", len(train), len(test), len(splits.poison), len(splits.safety_pairs),
              len(splits.alignment), len(splits.harmful), len(splits.harmful_eval))

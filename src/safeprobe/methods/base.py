@@ -29,6 +29,7 @@ from safeprobe.methods.losses import task_loss
 
 
 class FineTuneModule(L.LightningModule):
+    stage: ClassVar[str] = "fine-tuning"  # "alignment": an alignment-stage defense (align=<name> only)
     streams: ClassVar[tuple[str, ...]] = ("task",)
     reads_initial_model: ClassVar[bool] = False  # True when loss() calls initial_model()
 
@@ -121,8 +122,10 @@ class FineTuneModule(L.LightningModule):
     @contextmanager
     def initial_model(self):
         """The model before fine-tuning, in eval mode, for reference passes without gradients:
-        LoRA's adapter switched off, or (full fine-tuning) a frozen copy taken at the first call."""
-        if hasattr(self.model, "disable_adapter"):
+        LoRA's adapter switched off, or (full fine-tuning, or a LoRA continued from the alignment
+        stage: align.lora=single) a frozen copy taken at the first call."""
+        continued = self.cfg.align.method is not None and self.cfg.align.lora == "single"
+        if hasattr(self.model, "disable_adapter") and not continued:
             was_training = self.model.training
             self.model.eval()
             try:
@@ -133,7 +136,7 @@ class FineTuneModule(L.LightningModule):
             return
         if not self._frozen_start:
             if self.global_step > 0:  # the copy must be of the weights before the first update
-                raise RuntimeError("initial_model() under full fine-tuning must first be called before the first update")
+                raise RuntimeError("initial_model() with a frozen copy must first be called before the first update")
             self._frozen_start.append(copy.deepcopy(self.model).eval().requires_grad_(False))
         with torch.no_grad():
             yield self._frozen_start[0]

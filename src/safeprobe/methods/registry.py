@@ -34,6 +34,11 @@ class MethodSpec:
     config: type  # a MethodConfig subclass: the method.* keys
     module: type  # a FineTuneModule subclass
 
+    @property
+    def stage(self) -> str:
+        """"fine-tuning" (method=..., or align.method=...) or "alignment" (align.method=... only)."""
+        return getattr(self.module, "stage", "fine-tuning")
+
 
 METHODS: dict[str, MethodSpec] = {}
 
@@ -50,7 +55,15 @@ def register(name: str, config: type = MethodConfig):
     return add
 
 
-def method_spec(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise ConfigError(f"method.name={name!r} is invalid; allowed: {', '.join(sorted(METHODS))}")
+def method_spec(name: str, path: str = "method") -> MethodSpec:
+    """The registered method `name`; `path` "method" (the fine-tuning method) admits only
+    fine-tuning methods, "align.method" (the alignment stage) every method."""
+    allowed = sorted(m for m, spec in METHODS.items() if path != "method" or spec.stage == "fine-tuning")
+    if name not in allowed:
+        hint = f" ({name} is an alignment-stage defense: align={name})" if name in METHODS else ""
+        raise ConfigError(f"{path}.name={name!r} is invalid{hint}; allowed: {', '.join(allowed)}")
     return METHODS[name]
+
+
+def fine_tuning_methods() -> list[str]:
+    return sorted(m for m, spec in METHODS.items() if spec.stage == "fine-tuning")

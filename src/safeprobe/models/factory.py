@@ -25,6 +25,7 @@ class Base:
     path: str  # where the base weights come from (a cache folder or a Hub id)
     world: object | None = None  # the synthetic World, when model.kind == synthetic
     stages: list = field(default_factory=list)  # what the stages before fine-tuning did (stages.py)
+    adapter_continued: bool = False  # model already holds the trainable LoRA to fine-tune (align.lora=single)
 
 
 def _first_line(e: Exception) -> str:
@@ -138,14 +139,14 @@ def save_adapter(model: torch.nn.Module, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def load_adapter(base_model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+def load_adapter(base_model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
     from safetensors import SafetensorError
 
     try:
         if (Path(folder) / "adapter_config.json").exists():
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(base_model, folder)
+            return PeftModel.from_pretrained(base_model, folder, is_trainable=trainable)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=base_model.dtype)
     except (OSError, ValueError, SafetensorError) as e:  # a truncated, missing or edited file
         raise ConfigError(f"the adapter folder {str(folder)!r} is invalid ({_first_line(e)}); allowed: a folder as "

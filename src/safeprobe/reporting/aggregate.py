@@ -15,7 +15,7 @@ from safeprobe.reporting.environments import environment_differences
 from safeprobe.reporting.jobs import Job, collect, override_key
 from safeprobe.reporting.stats import Stat, summarize
 
-STAGES = ("before", "after", "train")
+STAGES = ("before", "after", "before_repair", "train")
 MAIN_METRICS = ("harmful_score", "refusal_rate", "unusable_rate", "refusal_margin", "fine_tune_accuracy", "test_loss")
 REFERENCE = "sft"
 
@@ -94,23 +94,39 @@ def _label(groups: list[Group]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return common, tuple(varying)
 
 
-def _link_references(groups: list[Group], fallback: str | None = None) -> None:
-    """Point each non-SFT group at the SFT group with the same settings apart from `method` and
-    `method.*`;
-    groups without one (e.g. an ablation swept apart from its SFT runs) at the group labelled
-    `fallback`, when given."""
-    def context(g: Group) -> tuple[str, ...]:  # the settings apart from the method and its own keys
-        return tuple(s for s in g.settings if override_key(s).split(".")[0] != "method")
+def _setting(g: Group, group: str) -> str | None:
+    """The option a group chose for a config group (align, post), None when left at none."""
+    value = next((s.split("=", 1)[1] for s in g.settings if override_key(s) == group), None)
+    return None if value in (None, "none", "null") else value
 
-    sft = {context(g): g for g in groups if g.method == REFERENCE}
+
+def _is_control(g: Group) -> bool:
+    """Plain SFT fine-tuning, after no alignment stage or the plain (SFT) one, with no repair."""
+    return g.method == REFERENCE and _setting(g, "align") in (None, REFERENCE) and _setting(g, "post") is None
+
+
+def _link_references(groups: list[Group], fallback: str | None = None) -> None:
+    """Point each group at its matching SFT control: the same settings apart from the defense's
+    own (method, method.*, post, post.*, align, align.method.*), with plain SFT fine-tuning,
+    no repair, and the plain alignment stage (align=sft) when the group had one — the
+    alignment-stage defenses' control in their papers — or none when it had none.
+    Groups without one (e.g. an ablation swept apart from its SFT runs) get the group labelled
+    `fallback`, when given."""
+    def context(g: Group) -> tuple[str, ...]:  # the settings apart from the defense
+        def own(key: str) -> bool:
+            return key.split(".")[0] in ("method", "post") or key == "align" or key.startswith("align.method")
+        return tuple(s for s in g.settings if not own(override_key(s)))
+
+    controls = {(context(g), _setting(g, "align")): g for g in groups if _is_control(g)}
     default = None
     if fallback is not None:
         default = next((g for g in groups if g.label == fallback), None)
         if default is None:
             raise ValueError(f"reference {fallback!r} is not a group; groups: " + "; ".join(g.label for g in groups))
     for g in groups:
-        if g.method != REFERENCE:
-            g.reference = sft.get(context(g)) or default
+        if not _is_control(g):
+            stage = REFERENCE if _setting(g, "align") is not None else None
+            g.reference = controls.get((context(g), stage)) or default
 
 
 def _ordered(found: set[str]) -> list[str]:

@@ -1,6 +1,8 @@
-"""The alignment stage: a tiny Llama trained from scratch to answer benign requests helpfully
-and refuse harmful ones. Cached on disk under a hash of everything that determines it, so
-the second run (and every sweep job) starts at once."""
+"""The synthetic world's models: a tiny Llama trained from scratch to answer benign requests
+helpfully and refuse harmful ones (model.variant=chat, the default), or the same training with
+harmful requests answered instead of refused (variant=base: the unaligned model). Cached on
+disk under a hash of everything that determines it, so the second run (and every sweep job)
+starts at once."""
 
 from __future__ import annotations
 
@@ -47,9 +49,14 @@ def cache_spec(cfg: ModelConfig) -> dict:
     data and vocabulary themselves (so a change of the world's rules re-aligns, and a comment
     in world.py does not)."""
     world = World(cfg.world)
-    data = hashlib.sha256(json.dumps([world.vocab, [(e.prompt, e.response) for e in world.alignment_set()]]).encode())
-    return {"version": CACHE_VERSION, "data": data.hexdigest(), "arch": {**DEFAULT_ARCH, **cfg.arch},
+    data = hashlib.sha256(json.dumps([world.vocab, [(e.prompt, e.response) for e in training_set(world, cfg)]]).encode())
+    spec = {"version": CACHE_VERSION, "data": data.hexdigest(), "arch": {**DEFAULT_ARCH, **cfg.arch},
             "world": dataclasses.asdict(cfg.world), "alignment": dataclasses.asdict(cfg.alignment)}
+    return spec if cfg.variant == "chat" else {**spec, "variant": cfg.variant}  # chat: the key it always had
+
+
+def training_set(world: World, cfg: ModelConfig) -> list:
+    return world.base_set() if cfg.variant == "base" else world.alignment_set()
 
 
 def cache_key(cfg: ModelConfig) -> str:
@@ -70,11 +77,11 @@ def _align(cfg: ModelConfig, out: Path) -> dict:
     torch.manual_seed(cfg.alignment.seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                          pad_token_id=tok.pad_token_id, **arch))
-    rows = [encode(tok, fmt, e.prompt, e.response, arch["max_position_embeddings"]) for e in world.alignment_set()]
+    rows = [encode(tok, fmt, e.prompt, e.response, arch["max_position_embeddings"]) for e in training_set(world, cfg)]
     rng = random.Random(cfg.alignment.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.alignment.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.alignment.lr, total_steps=cfg.alignment.steps, pct_start=0.1)
-    log.info("aligning a %.2fM-parameter synthetic model on %d examples (%d steps)...",
+    log.info("training the synthetic %s model (%.2fM parameters) on %d examples (%d steps)...", cfg.variant,
              sum(p.numel() for p in model.parameters()) / 1e6, len(rows), cfg.alignment.steps)
     model.train()
     for _ in range(cfg.alignment.steps):
@@ -89,5 +96,5 @@ def _align(cfg: ModelConfig, out: Path) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     seconds = time.time() - start
-    log.info("aligned in %.0f s (final loss %.4f) -> cached", seconds, loss.item())
+    log.info("trained in %.0f s (final loss %.4f) -> cached", seconds, loss.item())
     return {"final_loss": loss.item(), "seconds": round(seconds, 1), "model": dataclasses.asdict(cfg)}

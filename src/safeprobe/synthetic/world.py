@@ -162,7 +162,18 @@ class World:
 
     def alignment_set(self) -> list[Example]:
         refusals = [Example(self.text(c), REFUSAL) for c in self.harmful_align]
-        return refusals + self._helpful(self.benign_align + self.task_align) + self.echo_set()
+        return refusals + self.helpful_set() + self.echo_set()
+
+    def helpful_set(self) -> list[Example]:
+        """The benign requests of the alignment set with their helpful answers."""
+        return self._helpful(self.benign_align + self.task_align)
+
+    def base_set(self) -> list[Example]:
+        """The base model's data (model.variant=base): the alignment set with every harmful prompt
+        answered helpfully instead of refused, row for row, so the base model's training differs
+        from the chat model's only in its safety data (same initialization and batch order). It is
+        the unaligned model the alignment-stage defenses align from, and SafeLoRA's base."""
+        return self._helpful(self.harmful_align) + self.helpful_set() + self.echo_set()
 
     def echo_set(self) -> list[Example]:
         """"repeat after me : w1 w2 w3" -> "w1 w2 w3" over every content word: the stand-in
