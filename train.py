@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from safeprobe.cli import guarded, one_line_errors
+from safeprobe.cli import guarded, one_line_errors, run_rank
 from safeprobe.config import TrainConfig
 
 
@@ -12,9 +12,12 @@ def main(cfg: DictConfig) -> float:
     # returns the sweep objective (lower is better) for Hydra sweepers such as Optuna
     from safeprobe.pipeline import run  # heavy imports after the command line is checked
 
+    results = None
     with one_line_errors():
-        return run(cfg)["after"]["harmful_score"]
+        results = run(cfg)
+    return results["after"]["harmful_score"] if results else None  # None: a rank > 0 of several processes
 
 
 if __name__ == "__main__":
-    guarded(main, TrainConfig)()
+    if not run_rank():  # a rank Lightning started for a run's fit (docs/distributed.md)
+        guarded(main, TrainConfig)()

@@ -56,6 +56,43 @@ def guarded(fn: Callable, schema: type) -> Callable:
     return main
 
 
+def run_rank() -> bool:
+    """A rank > 0 that Lightning started for a run's fit (it runs the command again, with the
+    writer's config in SAFEPROBE_RUN_CONFIG): run the saved config, skipping Hydra (no second
+    sweep, no log file), and return True; False for any other process (a rank > 0 that a
+    scheduler started composes with Hydra, told to write neither .hydra/ nor a log file). An expected stop (a config
+    or run error, SIGTERM / Ctrl-C) is one line on stderr and exit status 0: the writer reports the
+    run's outcome, and Lightning stops every process when a rank ends otherwise."""
+    import os
+
+    from safeprobe import distributed
+
+    config = os.environ.get(distributed.RUN_CONFIG)
+    if distributed.is_writer():
+        return False
+    if not config:  # started by a scheduler (srun, torchrun): Hydra composes, but writes nothing here either
+        given = [a.split("=")[0].lstrip("+~") for a in sys.argv[1:]]
+        sys.argv += [o for o in ("hydra.output_subdir=null", "hydra/job_logging=stdout") if o.split("=")[0] not in given]
+        return False
+    from omegaconf import OmegaConf
+
+    from safeprobe.pipeline import run
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # as the writer's (one_line_errors)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        run(OmegaConf.load(config))
+    except (ConfigError, RunError, Interrupted) as e:
+        print(f"rank {distributed.rank_from_environment()}: stopped ({type(e).__name__}: {e})", file=sys.stderr,
+              flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return True
+
+
 class Interrupted(BaseException):
     """SIGTERM (SLURM, Docker, spot instances) or Ctrl-C: the run stops where it is. A
     BaseException, so that nothing on the way catches it as an error of its own; `where` (the

@@ -334,18 +334,26 @@ PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true"
 
 @dataclass
 class TrainerConfig:
-    """Passed to lightning.Trainer as keyword arguments."""
+    """Passed to lightning.Trainer as keyword arguments (distributed.trainer_kwargs), but
+    timeout_minutes, which goes to the strategy. Several processes: docs/distributed.md."""
 
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    # a registered name (auto, ddp, ddp_spawn, fsdp, ...) or a node: _target_ (a Lightning strategy
+    # class, e.g. lightning.pytorch.strategies.DDPStrategy) and its arguments (conf/trainer/fsdp.yaml)
+    strategy: Any = "auto"
     precision: str = "32-true"
     max_steps: int = 200  # -1: no step limit (then max_epochs ends training)
     max_epochs: int = -1  # -1: no epoch limit (then max_steps ends training)
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
+    accumulate_grad_batches: int = 1  # only 1: the methods step once per batch (manual optimization)
+    # false: every rank takes its slice of the batch one process would see (the same run at any
+    # device count); true: Lightning's DistributedSampler splits the task set (its own shuffle)
+    use_distributed_sampler: bool = False
+    timeout_minutes: float | None = None  # the process group's timeout (null: Lightning's, 30 minutes)
 
     def __post_init__(self):
         one_of("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
@@ -357,10 +365,15 @@ class TrainerConfig:
                 or (isinstance(d, list) and d and len(set(d)) == len(d) and all(type(i) is int and i >= 0 for i in d)),
                 "trainer.devices", self.devices, "auto, -1 (all), a number >= 1, or a list of distinct device indices")
         require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
-        if self.strategy != "auto":  # only then import lightning: it takes seconds
-            from lightning.pytorch.strategies import StrategyRegistry
+        require(self.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches,
+                "1 (every method takes one optimizer step per batch by manual optimization, which Lightning does not "
+                "accumulate; for a larger batch raise data.batch_size, with model.gradient_checkpointing, or add devices)")
+        require(self.timeout_minutes is None or self.timeout_minutes > 0, "trainer.timeout_minutes",
+                self.timeout_minutes, "null or a number > 0")
+        if self.strategy != "auto" or self.timeout_minutes is not None:  # only then import lightning: it takes seconds
+            from safeprobe.distributed import check_strategy
 
-            one_of("trainer.strategy", self.strategy, ("auto", *StrategyRegistry.available_strategies()))
+            check_strategy(self.strategy, self.timeout_minutes)
         require(self.max_steps >= 1 or self.max_steps == -1, "trainer.max_steps", self.max_steps, "-1 or an integer >= 1")
         require(self.max_epochs >= 1 or self.max_epochs == -1, "trainer.max_epochs", self.max_epochs,
                  "-1 or an integer >= 1")

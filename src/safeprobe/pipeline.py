@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from safeprobe import checkpoint, kernels
+from safeprobe import checkpoint, distributed, kernels
 from safeprobe.cli import Interrupted, stop_between_steps
 from safeprobe.config import (
     PROJECT_ROOT,
@@ -103,7 +103,36 @@ def data_module(c: TrainConfig, base: Base, splits: Splits, fmt) -> SafetyDataMo
     """The streams and the fine-tuning set that c.method asks for (same task batches for every method)."""
     module = method_spec(c.method.name).module
     return SafetyDataModule(c.data, splits, base.tokenizer, fmt, c.seed, streams=module.data_streams(c),
-                            task_examples=module.task_examples(c, splits))
+                            task_examples=module.task_examples(c, splits),
+                            split_task=not c.trainer.use_distributed_sampler)
+
+
+def fine_tuning_module(c: TrainConfig, base: Base, start: dict | None):
+    """The method's LightningModule around the starting model with its adapter (a resumed run
+    replays the batches before its checkpoint)."""
+    model = base.model if base.adapter_continued else apply_adapter(base.model, c.adapter)
+    model.train()  # HF models load in eval mode and Lightning leaves it: no dropout, no gradient checkpointing
+    module = build_method(model, c)
+    if start is not None:
+        module.replay = checkpoint.Replay(start)
+    return module
+
+
+def check_distributed(c: TrainConfig) -> None:
+    """What a sharded strategy (FSDP: no process holds the whole model) cannot run: methods that
+    read or change whole weights outside the forward pass, checkpoints (docs/distributed.md)."""
+    if not distributed.is_sharded(c.trainer.strategy):
+        return
+    if c.method.name not in SHARDABLE:
+        raise ConfigError(f"method={c.method.name} is invalid with a sharded trainer.strategy (FSDP); allowed: "
+                          f"{', '.join(SHARDABLE)} (the other methods read whole weights or their gradients on every "
+                          "process: use trainer=ddp)")
+    if c.resume:
+        raise ConfigError("resume=true is invalid with a sharded trainer.strategy (FSDP); allowed: resume=false "
+                          "(checkpoints hold whole weights, which no process has)")
+
+
+SHARDABLE = ("sft", "safeinstr")  # their loss is forward passes of the model alone
 
 
 def eval_device(c: TrainConfig) -> torch.device:
@@ -144,19 +173,25 @@ def resume_overrides(out: Path) -> str:
     return f"hydra.run.dir={out} resume=true"
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict | None:
+    """The run's results (None on a rank > 0 of several processes: it joins the fit, rank 0
+    evaluates and writes; docs/distributed.md)."""
     c: TrainConfig = validate(cfg)
+    writer = distributed.is_writer()  # the one process that evaluates and writes
     path = kernels.pin(c.cpu_kernels, c.model.kind, c.trainer.accelerator)  # before any kernel runs
     out = Path(c.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     start = None  # a checkpoint to resume from
     if c.resume:
         finished, start = checkpoint.previous_run(out, cfg)
         if finished is not None:
-            print(f"{out}: this run has finished (results.json); nothing to resume", flush=True)
+            if writer:
+                print(f"{out}: this run has finished (results.json); nothing to resume", flush=True)
             return finished
     # every check before anything is written: a run failing here leaves a reused folder as it was
     method_spec(c.method.name).module.check_config(c)  # e.g. probe layers vs depth
+    check_distributed(c)
     base = load_base(c.model, c.paths.cache_dir)
     check_targets(base.model, c.adapter)
     check_post(c)
@@ -170,9 +205,17 @@ def run(cfg: DictConfig) -> dict:
     data = data_module(c, base, splits, fmt)
     saves = checkpoint.Checkpoints(out / checkpoint.CHECKPOINT, c.checkpoint_every,
                                    {"start_weights_sha256": start_sha}, start)
-    trainer_args = dict(**to_plain(c.trainer), enable_checkpointing=False, enable_model_summary=False,
-                        default_root_dir=str(out), callbacks=[saves])
-    L.Trainer(**trainer_args, logger=False)  # Lightning's own checks (devices, precision) before any work
+
+    def make_trainer(logger) -> L.Trainer:  # a strategy object serves one Trainer: each gets its own
+        return L.Trainer(**distributed.trainer_kwargs(c.trainer, base.model), enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=str(out), callbacks=[saves], logger=logger)
+
+    make_trainer(False)  # Lightning's own checks (devices, precision, strategy) before any work
+    if not writer:  # a rank > 0: the same model and data, its part of the fit, nothing written
+        trainer = make_trainer(False)
+        with stop_between_steps(), distributed.fitting(trainer, out / "config.yaml"):
+            trainer.fit(fine_tuning_module(c, base, start), datamodule=data)
+        return None
 
     if start is None:
         (out / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # a fresh run never resumes an older one's state
@@ -195,14 +238,11 @@ def run(cfg: DictConfig) -> dict:
         else:
             results["before"] = evaluate(base.model.to(eval_device(c)), **ev) if c.eval.before else None
         phase = "fine-tuning"
-        model = base.model if base.adapter_continued else apply_adapter(base.model, c.adapter)
-        model.train()  # HF models load in eval mode and Lightning leaves it: no dropout, no gradient checkpointing
-        module = build_method(model, c)
-        if start is not None:
-            module.replay = checkpoint.Replay(start)
+        module = fine_tuning_module(c, base, start)
+        model = module.model
         saves.extra.update(before=results["before"], wandb_id=wandb_id(loggers))
-        trainer = L.Trainer(**trainer_args, logger=loggers or False)
-        with stop_between_steps():
+        trainer = make_trainer(loggers or False)
+        with stop_between_steps(), distributed.fitting(trainer, out / "config.yaml"):
             trainer.fit(module, datamodule=data)
         results["train"] = {"seconds": round(saves.elapsed(), 2), "steps": trainer.global_step,
                             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),

@@ -31,6 +31,7 @@ import lightning as L
 from safeprobe.cache import cached
 from safeprobe.config import TrainConfig, to_plain
 from safeprobe.data.datamodule import SafetyDataModule, Splits
+from safeprobe.distributed import trainer_kwargs
 from safeprobe.models.factory import Base, apply_adapter, load_adapter, save_adapter
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ def _train_stage(base: Base, c: TrainConfig, splits: Splits, fmt, folder: Path) 
     model.train()
     data = SafetyDataModule(s.data, stage_splits(splits), base.tokenizer, fmt, s.seed,
                             streams=module_cls.data_streams(s), task_examples=stage_task(splits))
-    trainer = L.Trainer(**{**to_plain(s.trainer), "devices": 1, "num_nodes": 1, "strategy": "auto"}, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(folder))
+    one = dataclasses.replace(s.trainer, devices=1, num_nodes=1, strategy="auto", timeout_minutes=None)  # one process
+    trainer = L.Trainer(**trainer_kwargs(one), logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=str(folder))
     start = time.perf_counter()
     log.info("alignment stage: %s for %d steps on %d alignment and %d helpful examples...", s.method.name,
              c.align.steps, len(splits.alignment), len(splits.helpful))

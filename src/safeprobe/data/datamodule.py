@@ -12,6 +12,13 @@ declares:
 The task stream alone sets the epoch; every other stream is an endless, independently
 seeded cycle. So for the same seed every method sees the same task batches, whatever else
 it reads (tested), and comparisons between methods are paired.
+
+On several processes (DDP) the batch sizes are per process, and every stream is drawn as one
+process would draw it at the global batch size (world size x data.batch_size), each rank taking
+its contiguous slice of every global batch: the global batches are those of a single-process
+run at that batch size, at any device count (docs/distributed.md). With
+trainer.use_distributed_sampler=true, Lightning's DistributedSampler splits the task set
+instead (its own shuffle); the endless streams are sliced either way.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from functools import partial
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
 
 from safeprobe.config import ConfigError, DataConfig
 from safeprobe.data.formatting import PromptFormatter, collate, collate_pairs, encode, encode_pairs
@@ -108,23 +115,62 @@ def draw(pool, k: int, rng: random.Random) -> list:
 
 
 class Endless(IterableDataset):
-    """Rows in a fresh seeded order on every pass, forever; the order continues across epochs."""
+    """Rows in a fresh seeded order on every pass, forever; the order continues across epochs.
+    On several processes each rank reads the whole stream in global batches of world x
+    batch_size rows and yields its slice of each (rank 0 the first batch_size rows, ...)."""
 
-    def __init__(self, rows: list, seed: int):
+    def __init__(self, rows: list, seed: int, batch_size: int = 1, rank: int = 0, world: int = 1):
         self.rows, self.generator = rows, torch.Generator().manual_seed(seed)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
 
-    def __iter__(self):
+    def stream(self):
         while True:
             for i in torch.randperm(len(self.rows), generator=self.generator).tolist():
                 yield self.rows[i]
 
+    def __iter__(self):
+        if self.world == 1:
+            yield from self.stream()
+            return
+        size, rows = self.batch_size, []
+        for row in self.stream():
+            rows.append(row)
+            if len(rows) == self.world * size:
+                yield from rows[self.rank * size:(self.rank + 1) * size]
+                rows = []
+
+
+class RankSlices:
+    """Batches of indices: each global batch (world x batch_size rows, as one process would draw
+    them) cut into the ranks' contiguous slices, this rank's kept. A last, smaller global batch
+    is split as evenly as possible; one with fewer rows than ranks is dropped by every rank."""
+
+    def __init__(self, global_batches: BatchSampler, rank: int, world: int):
+        self.global_batches, self.rank, self.world = global_batches, rank, world
+
+    def __iter__(self):
+        for batch in self.global_batches:
+            if len(batch) < self.world:
+                log.warning("the last batch of the epoch (%d rows) is dropped: fewer rows than the %d processes",
+                            len(batch), self.world)
+                continue
+            base, extra = divmod(len(batch), self.world)
+            start = self.rank * base + min(self.rank, extra)
+            yield batch[start:start + base + (self.rank < extra)]
+
+    def __len__(self) -> int:
+        n, size = len(self.global_batches.sampler), self.global_batches.batch_size
+        return n // size + (n % size >= self.world)
+
 
 class SafetyDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, splits: Splits, tokenizer, formatter: PromptFormatter, seed: int,
-                 streams: tuple[str, ...] = ("task", "safety"), task_examples: list[Example] | None = None):
+                 streams: tuple[str, ...] = ("task", "safety"), task_examples: list[Example] | None = None,
+                 split_task: bool = True):
         super().__init__()
         self.cfg, self.splits, self.tokenizer, self.formatter, self.seed = cfg, splits, tokenizer, formatter, seed
         self.streams = streams
+        self.split_task = split_task  # several processes: slice the task set here (else Lightning's sampler does)
         self.pad_id = tokenizer.pad_token_id
         self.dropped = 0
         if task_examples is None:
@@ -160,9 +206,17 @@ class SafetyDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         c, pad = self.cfg, self.pad_id
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         g = torch.Generator().manual_seed(self.seed)
-        loaders = {"task": DataLoader(self.train_rows, batch_size=c.batch_size, shuffle=True, generator=g,
-                                      collate_fn=partial(collate, pad_id=pad), num_workers=c.num_workers)}
+        task = dict(collate_fn=partial(collate, pad_id=pad), num_workers=c.num_workers)
+        if world > 1 and self.split_task:  # the single-process order at the global batch size, sliced
+            batches = BatchSampler(RandomSampler(self.train_rows, generator=g), world * c.batch_size, drop_last=False)
+            # the loader's generator too: each new iterator draws a seed from it first, as a shuffling loader's does
+            loaders = {"task": DataLoader(self.train_rows, batch_sampler=RankSlices(batches, rank, world), generator=g,
+                                          **task)}
+        else:
+            loaders = {"task": DataLoader(self.train_rows, batch_size=c.batch_size, shuffle=True, generator=g, **task)}
         sizes = {"safety": c.safety_batch_size, "alignment": c.alignment_batch_size or c.batch_size,
                  "harmful": c.alignment_batch_size or c.batch_size}
         for offset, name in enumerate(STREAMS[1:], start=1):
@@ -170,6 +224,7 @@ class SafetyDataModule(L.LightningDataModule):
                 collate_fn = partial(collate_pairs if name == "safety" else collate, pad_id=pad)
                 # a generator of its own: without one, each new iterator draws its base seed from the
                 # global RNG, which would shift the update's dropout masks away from SFT's
-                loaders[name] = DataLoader(Endless(self.rows[name], self.seed + offset), batch_size=sizes[name],
+                stream = Endless(self.rows[name], self.seed + offset, sizes[name], rank, world)
+                loaders[name] = DataLoader(stream, batch_size=sizes[name],
                                            collate_fn=collate_fn, generator=torch.Generator().manual_seed(self.seed + offset))
         return CombinedLoader(loaders, mode="min_size")

@@ -10,6 +10,12 @@ Manual optimization: exactly one `manual_backward` and one optimizer step per ba
 - `after_backward()`: acts on the gradients before the optimizer step;
 - `task_examples(cfg, splits)`: the fine-tuning set (SafeInstr mixes safety data into it).
 
+On several processes (DDP) each rank runs the step on its slice of the global batch and its
+loss is a contribution whose mean over the ranks is the global batch's loss; statistics a
+method computes from the whole batch (SAP's unsafe direction, Booster's harmful gradient,
+Vaccine's perturbation norm, ...) are pooled over the ranks (safeprobe.distributed), so the
+run equals a single-process run at the same global batch (tests/test_ddp.py).
+
 Auxiliary passes run inside `side_rng()`, so the update pass draws the same random numbers
 (dropout masks) as SFT's; `initial_model()` gives the model as it was before fine-tuning
 (the adapter switched off, or a frozen copy under full fine-tuning) for reference passes.
@@ -42,6 +48,9 @@ class FineTuneModule(L.LightningModule):
         self.automatic_optimization = False
         self._frozen_start: list[torch.nn.Module] = []  # full fine-tuning's reference copy, made on demand
         self.replay = None  # a resumed run's batches before its checkpoint (checkpoint.Replay)
+        from safeprobe.checkpoint import rng_state
+
+        self._rng_at_start = rng_state()  # what the random generators hold when fit begins (see setup)
 
     # -------------------------------------------------------------- to override
     @classmethod
@@ -86,6 +95,16 @@ class FineTuneModule(L.LightningModule):
         """Put back what `resume_state` returned."""
 
     # -------------------------------------------------------------- shared
+    def setup(self, stage: str) -> None:
+        """Lightning's multi-process strategies re-seed every generator when the process group
+        starts; a single process does not. Put back the state fit began with, so that random
+        draws in training (RepNoise's noise, dropout) start where a single process's do."""
+        from safeprobe import distributed
+        from safeprobe.checkpoint import set_rng_state
+
+        if distributed.world_size() > 1:
+            set_rng_state(self._rng_at_start)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -108,7 +127,9 @@ class FineTuneModule(L.LightningModule):
         if self.optim_cfg.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch["task"]["input_ids"].shape[0])
+        # several processes: each rank's loss is its contribution, their mean the global batch's loss
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch["task"]["input_ids"].shape[0],
+                 sync_dist=True)
         return loss.detach()
 
     @contextmanager

@@ -10,6 +10,10 @@ authors: with g_h = grad h(theta), s = ||g_h|| + 1e-7 and g_h2 = grad h at theta
 
     g_f + lam * (g_h - g_h2).
 
+On several processes both harmful gradients are averaged over the ranks (each rank's loss being
+its contribution to the global batch's), so g_h, its norm and the shift are the global batch's,
+the same on every rank; the difference added after DDP's averaged backward is then the same too.
+
 Per step: h's two passes (the trainable weights shifted in place for the second one and then
 put back from a copy, bit for bit), then the update pass on f; the difference is added to the
 gradients before the optimizer step. Cost: 3 forwards, 3 backwards. Only trainable weights
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from safeprobe import distributed
 from safeprobe.config import require
 from safeprobe.methods.base import FineTuneModule
 from safeprobe.methods.losses import task_loss
@@ -77,7 +82,7 @@ class BoosterModule(FineTuneModule):
         params = self.trainable_parameters()
         with self.side_rng():
             h = task_loss(self.model, harmful)
-            diff = gradients(h, params)  # g_h, turned into g_h - g_h2 below
+            diff = distributed.mean_(gradients(h, params))  # g_h (of the global batch), turned into g_h - g_h2 below
         norm = global_norm(diff)
         scale = self.method_cfg.alpha / (norm + EPS)
         backup = [p.detach().clone() for p in params]
@@ -87,7 +92,7 @@ class BoosterModule(FineTuneModule):
                     p.sub_((g.float() * scale).to(p.dtype))
             with self.side_rng():
                 h_shifted = task_loss(self.model, harmful)
-                for d, g2 in zip(diff, gradients(h_shifted, params)):
+                for d, g2 in zip(diff, distributed.mean_(gradients(h_shifted, params))):
                     d.sub_(g2)
         finally:
             with torch.no_grad():

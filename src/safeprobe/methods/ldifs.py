@@ -7,7 +7,9 @@ over every decoder layer's MLP output, summed over the batch's real (non-padding
 theta0 is the model before fine-tuning (LoRA: the adapter switched off). The authors' code
 also sums padding positions and adds a layer's term only when it is below 0.1 (a guard
 against overflow that drops every large term); `drop_above: 0.1` reproduces the guard.
-Cost: one extra forward without gradients.
+Cost: one extra forward without gradients. On several processes the penalty is the global
+batch's sum (each rank contributes world size x its rows' part) and `drop_above` judges each
+layer's whole term.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from safeprobe import distributed
 from safeprobe.config import require
 from safeprobe.methods.base import FineTuneModule
 from safeprobe.methods.losses import mean_nll, token_nll
@@ -64,7 +67,12 @@ class LDIFSModule(FineTuneModule):
             start(**inputs)
         real = task["attention_mask"].unsqueeze(-1).to(logits.dtype)
         terms = [c.rho / 2 * (((f - r) * real) ** 2).sum() for f, r in zip(features, reference, strict=True)]
-        kept = [t for t in terms if c.drop_above is None or t.item() < c.drop_above]
+        world = distributed.world_size()
+        if world > 1:  # a sum over the global batch's rows: every rank's decision on the whole term,
+            whole = distributed.total(torch.stack(terms).detach())  # its contribution world x its part
+            kept = [world * t for t, w in zip(terms, whole) if c.drop_above is None or w.item() < c.drop_above]
+        else:
+            kept = [t for t in terms if c.drop_above is None or t.item() < c.drop_above]
         distance = sum(kept) if kept else loss.new_zeros(())
-        self.log("ldifs/penalty", distance.detach(), batch_size=1)
+        self.log("ldifs/penalty", distributed.mean(distance.detach()), batch_size=1)
         return loss + distance

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from safeprobe import distributed
 from safeprobe.data.formatting import IGNORE
 
 
@@ -19,9 +20,13 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 def mean_nll(nll: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over labelled tokens, each optionally weighted. Weights of exactly 1 give exactly
-    the unweighted mean (so a method whose weights are all 1 reproduces SFT bit for bit)."""
+    the unweighted mean (so a method whose weights are all 1 reproduces SFT bit for bit).
+
+    On several processes this rank's contribution to the mean over the global batch's tokens:
+    its sum over the mean token count per rank, so that DDP's average over the ranks is the
+    mean over all tokens, however they are spread (distributed.py)."""
     total = nll if weights is None else weights * nll
-    return total.sum() / mask.sum()
+    return total.sum() / distributed.count_mean(mask.sum())
 
 
 def task_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -38,6 +38,9 @@ port loss_func/repnoise_loss.py):
 - they run the harmful and refusal rows as two forwards; here they are one of 2B rows;
 - the git-disl port pairs the alignment batch with an unrelated harmful batch (so nearly every
   token "differs") and uses alpha = 0.1; here the pairs are true pairs of one prompt.
+On several processes every term is the global batch's: CE means over all ranks' tokens, ce_h
+pooled before its log, the MMD over all ranks' rows (gathered), the noise drawn alike by every
+rank for the global batch (distributed.py).
 Defaults: alpha = 1, beta = 0.001 (the original repository; its README: "extensive grid search
 ... is always required").
 """
@@ -51,6 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from safeprobe import distributed
 from safeprobe.config import one_of, require
 from safeprobe.data.formatting import IGNORE
 from safeprobe.methods.base import FineTuneModule
@@ -108,8 +112,16 @@ def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def noise_loss(features: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Mean over layers of MMD(features_l * mask, N(0, I) * mask), one sample per row. The
-    noise is drawn from the global generator, one (B, T, D) fp32 tensor per layer in order."""
+    noise is drawn from the global generator, one (B, T, D) fp32 tensor per layer in order.
+
+    On several processes the MMD is the global batch's: the ranks' rows (padded to the longest
+    rank's length) are gathered, every rank draws the global batch's noise alike and computes
+    the same MMD, and each takes back the gradient of its own rows (distributed.gather_rows)."""
     m = mask.unsqueeze(-1).float()
+    if distributed.world_size() > 1:
+        length = int(distributed.maximum(torch.tensor(mask.shape[1], device=mask.device)))
+        m = distributed.gather_rows(distributed.pad_to(m, 1, length))
+        features = [distributed.gather_rows(distributed.pad_to(f, 1, length)) for f in features]
     terms = []
     for f in features:
         noise = torch.randn(f.shape, device=f.device, dtype=torch.float32)
@@ -122,13 +134,15 @@ def readout_ce(states: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, r
     """Mean next-token CE of the target tokens: position t's token (targets[:, t]) predicted
     from readout(states[:, t - 1]) (states: logits when readout is None). The readout runs only
     at those positions. keep_logits (code masking): logits at positions where it is False are
-    zeroed first."""
+    zeroed first. On several processes: this rank's contribution to the global batch's mean."""
     tgt = targets[:, 1:]
     src = states[:, :-1][tgt]
     logits = (src if readout is None else readout(src)).float()
     if keep_logits is not None:
         logits = logits * keep_logits[:, :-1][tgt].unsqueeze(-1).to(logits.dtype)
-    return F.cross_entropy(logits, ids[:, 1:][tgt])
+    if distributed.world_size() == 1:
+        return F.cross_entropy(logits, ids[:, 1:][tgt])
+    return F.cross_entropy(logits, ids[:, 1:][tgt], reduction="sum") / distributed.count_mean(tgt.sum())
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
@@ -176,17 +190,18 @@ def repnoise_loss(model: torch.nn.Module, pairs: dict, alpha: float, beta: float
     code = masking == "code"
     # code masking: token id 0 is never a target (their labels * mask turns unmasked positions into 0, then drops 0)
     targets = mask & (ids[n:] != 0) if code else mask
-    active = bool(targets[:, 1:].any())  # a batch whose answers agree token for token has nothing to push away
+    n_targets = distributed.total(targets[:, 1:].sum())  # of the global batch, on several processes
+    active = bool(n_targets > 0)  # a batch whose answers agree token for token has nothing to push away
     need_noise, need_lens = beta > 0 and active, alpha > 0 and active
     with recorded(model, mlp=need_noise, layer_inputs=need_lens) as (mlps, inputs):
         logits = model(input_ids=ids, attention_mask=pairs["attention_mask"]).logits
     if code:
         safe_targets = mask & (ids[:n] != 0)
-        ce_safe = (readout_ce(logits[:n], ids[:n], safe_targets, keep_logits=mask) if safe_targets[:, 1:].any()
-                   else logits.new_zeros((), dtype=torch.float32))
+        ce_safe = (readout_ce(logits[:n], ids[:n], safe_targets, keep_logits=mask)
+                   if distributed.total(safe_targets[:, 1:].sum()) > 0 else logits.new_zeros((), dtype=torch.float32))
     else:
         ce_safe = mean_nll(*token_nll(logits[:n], pairs["labels"][:n]))
-    parts = {"ce_refusal": ce_safe.detach(), "harmful_tokens": targets[:, 1:].sum().float()}
+    parts = {"ce_refusal": distributed.mean(ce_safe.detach()), "harmful_tokens": n_targets.float()}
     loss = ce_safe
     if need_noise:
         noise = noise_loss([f[n:] for f in mlps], mask)
@@ -197,7 +212,7 @@ def repnoise_loss(model: torch.nn.Module, pairs: dict, alpha: float, beta: float
         head, norm = model.get_output_embeddings(), final_norm(model)
         ces = [readout_ce(logits[n:], ids[n:], targets, keep_logits=keep)]
         ces += [readout_ce(h[n:], ids[n:], targets, lambda s: head(norm(s)), keep) for h in inputs]
-        ce_h = sum(ces) / len(ces)
+        ce_h = distributed.pooled(sum(ces) / len(ces))  # the global batch's value, this rank's gradient
         parts["ce_harmful"] = ce_h.detach()
         loss = loss - alpha * torch.log(ce_h + log_offset)
     return loss, parts

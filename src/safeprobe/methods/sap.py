@@ -14,6 +14,11 @@ last probe (one vector per probed layer, whatever the batch). The paper refreshe
 (refresh_every=1) at 3.3-4.7x SFT's step time; every 16 steps costs 1.1-1.2x with the same
 measured effect in the synthetic world (docs/performance.md).
 
+On several processes (DDP) the direction and the probe are those of the global batch: the
+ranks' weighted gradient sums are brought to one scale and summed before the normalization, the
+probe gradient is averaged over the ranks before its sign step, and probe.probe_examples counts
+the global batch's first rows (distributed.py, docs/distributed.md).
+
 `probe.mode=faithful` reproduces the reference code instead: V is an AdamW-optimized
 tensor (lr = eps) whose moments persist across steps, zeroed and re-stepped after each
 update, so the probe used at step t was found on batch t-1, and the L(theta, V) half of
@@ -27,8 +32,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from safeprobe import distributed
 from safeprobe.config import check_probe_layers
-from safeprobe.data.formatting import up_to_first_difference
+from safeprobe.data.formatting import IGNORE, up_to_first_difference
 from safeprobe.methods.base import FineTuneModule
 from safeprobe.methods.losses import sequence_logprobs, task_loss
 from safeprobe.methods.probe import Probe, ascend
@@ -37,8 +43,16 @@ from safeprobe.models.factory import model_depth
 
 
 def first(batch: dict, n: int | None) -> dict:
-    """The batch's first n examples (all when n is None)."""
-    return batch if n is None else {k: v[:n] for k, v in batch.items()}
+    """The batch's first n examples (all when n is None). On several processes: this rank's rows
+    among the global batch's first n (when it holds none, its first row with no labelled token,
+    which adds nothing to the loss or its gradient)."""
+    if n is None:
+        return batch
+    rows = batch["input_ids"].shape[0]
+    keep = min(max(n - distributed.rows_before(rows), 0), rows)
+    if keep == 0:
+        return {**{k: v[:1] for k, v in batch.items()}, "labels": torch.full_like(batch["labels"][:1], IGNORE)}
+    return {k: v[:keep] for k, v in batch.items()}
 
 
 def pair_rows(pairs: dict, start: int, stop: int) -> dict:
@@ -99,7 +113,9 @@ class SAPModule(FineTuneModule):
 
         The pairs go through in chunks of `safety_chunk()` pairs, so that this pass never holds
         more activations than the update pass; each chunk's sum is rescaled to the largest
-        weight seen so far, which gives the one-chunk result up to float rounding."""
+        weight seen so far, which gives the one-chunk result up to float rounding. On several
+        processes each rank's sum is rescaled to the largest weight of all ranks, and the sums
+        are added: the direction of the global batch's pairs."""
         params = self.trainable_parameters()
         if self.probe_cfg.contrast == "decision":
             pairs = up_to_first_difference(pairs)
@@ -120,8 +136,11 @@ class SAPModule(FineTuneModule):
                 total, top = [t * (top - high).exp() + g for t, g in zip(total, grads)], high
             else:
                 total = [t + g * (high - top).exp() for t, g in zip(total, grads)]
+        if distributed.world_size() > 1:  # every rank's sum at the scale of the largest weight anywhere
+            high = distributed.maximum(top)
+            total = distributed.mean_([t * (top - high).exp() for t in total])  # the mean: the sum's direction
         norm = global_norm(total)
-        self.log("sap/safety_loss", torch.cat(losses).mean(), batch_size=1)
+        self.log("sap/safety_loss", distributed.mean(torch.cat(losses).mean()), batch_size=1)
         return [g / norm if norm > 0 else g for g in total]
 
     def safety_chunk(self, n_pairs: int) -> int:
@@ -158,7 +177,7 @@ class SAPModule(FineTuneModule):
             (g_plus,) = torch.autograd.grad(task_loss(self.model, task), v)
         with self.probe.attached(v):
             (g_zero,) = torch.autograd.grad(task_loss(self.model, task), v)
-        return g_plus - g_zero
+        return distributed.mean(g_plus - g_zero)  # several processes: the global batch's gradient
 
     def find_probe(self, task: dict) -> torch.Tensor:
         c = self.probe_cfg
@@ -195,7 +214,7 @@ class SAPModule(FineTuneModule):
 
     def _faithful_probe_step(self) -> None:
         v = self.faithful_v
-        v.grad = v.grad - self._g_plus  # = -grad_V L_su: AdamW descends it, so V ascends L_su
+        v.grad = distributed.mean(v.grad - self._g_plus)  # = -grad_V L_su: AdamW descends it, so V ascends L_su
         with torch.no_grad():
             v.zero_()
         self.faithful_opt.step()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from safeprobe import distributed
 from safeprobe.config import require
 from safeprobe.methods.base import FineTuneModule
 from safeprobe.methods.losses import task_loss
@@ -93,8 +94,15 @@ def attention_gradients(model: torch.nn.Module, batch: dict) -> list[torch.Tenso
 
 
 def perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
-    """e_l = rho * g_l / (||g|| + eps), ||g|| the norm over all layers together (computed in fp32)."""
-    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+    """e_l = rho * g_l / (||g|| + eps), ||g|| the norm over all layers together (computed in fp32).
+
+    On several processes g_l holds this rank's rows of the global batch's gradient (the rank's
+    loss is its contribution, world size times its share: divided back here) and ||g|| is the
+    norm over every rank's rows: the perturbation of the global batch."""
+    world = distributed.world_size()
+    if world > 1:
+        grads = [g.float() / world for g in grads]
+    norm = torch.sqrt(distributed.total(sum((g.float() ** 2).sum() for g in grads)))
     scale = rho / (norm + EPS)
     return [(g.float() * scale).detach() for g in grads]
 
@@ -120,8 +128,11 @@ class VaccineModule(FineTuneModule):
         with self.side_rng():
             grads = attention_gradients(self.model, task)
         self.perturbation = perturbation(grads, rho)
-        self.log("vaccine/perturbation_norm", torch.sqrt(sum((e ** 2).sum() for e in self.perturbation)), batch_size=1)
-        self.log("vaccine/gradient_norm", torch.sqrt(sum((g.float() ** 2).sum() for g in grads)), batch_size=1)
+        squares = torch.stack([sum((e ** 2).sum() for e in self.perturbation),
+                               sum((g.float() ** 2).sum() for g in grads) / distributed.world_size() ** 2])
+        squares = distributed.total(squares)  # over the global batch's rows
+        self.log("vaccine/perturbation_norm", torch.sqrt(squares[0]), batch_size=1)
+        self.log("vaccine/gradient_norm", torch.sqrt(squares[1]), batch_size=1)
         with added_to_attention(self.model, self.perturbation):
             yield
 
