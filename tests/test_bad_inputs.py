@@ -205,7 +205,7 @@ CASES: dict[str, Case] = {
     "unknown nested key": train("model.alignment.stepz=3",
                                 line="unknown key 'model.alignment.stepz'; allowed keys under 'model.alignment': steps"),
     "unknown model option": train("model=gpt5", line="model=gpt5 is not a known option; allowed: gemma2_9b_it"),
-    "unknown trainer option": train("trainer=tpu", line="trainer=tpu is not a known option; allowed: cpu, ddp, gpu"),
+    "unknown trainer option": train("trainer=tpu", line="trainer=tpu is not a known option; allowed: cpu, ddp, ddp_cpu, fsdp, gpu"),
     "unknown experiment": train("experiment=nope", line="experiment=nope is not a known option; allowed: "),
     "eval.py unknown key": evaluate("run_dirr=x", line="unknown key 'run_dirr'; allowed keys at the top level: run_dir"),
     "eval.py unknown eval key": evaluate("eval.judgess=[exact]",

@@ -124,8 +124,9 @@ class Checkpoints(L.Callback):
     """Saves a checkpoint every `every` steps (0: never) and at a requested stop (SIGTERM,
     Ctrl-C), then ends the run there. `extra` is stored with it (the evaluation before)."""
 
-    def __init__(self, path: Path, every: int, extra: dict, resumed: dict | None = None):
+    def __init__(self, path: Path, every: int, extra: dict, resumed: dict | None = None, saving: bool = True):
         self.path, self.every, self.extra = path, every, extra
+        self.saving = saving  # False under a sharded strategy (FSDP): no process holds the whole weights
         self.seconds = resumed["seconds"] if resumed else 0.0  # training time before the resume
         self.saved_step = resumed["step"] if resumed else None
         self.start = time.perf_counter()
@@ -138,7 +139,7 @@ class Checkpoints(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         signum = pending_stop()
-        if module.replay is None and trainer.is_global_zero:
+        if module.replay is None and trainer.is_global_zero and self.saving:  # rank 0 alone writes
             step = trainer.global_step
             if signum is not None or (self.every and step % self.every == 0 and step != trainer.max_steps):
                 save(self.path, module, trainer, {**self.extra, "seconds": self.elapsed()})

@@ -216,6 +216,25 @@ def _end_children(trainer, wait: float) -> None:
             p.wait()
 
 
+def whole_model(trainer, module, reloaded):
+    """After fit: the fine-tuned model, whole, on the writer. Under a sharded strategy (FSDP) the
+    ranks hold parts: every rank must call this (the gathering is collective); the writer loads
+    the gathered weights into `reloaded()`, a fresh copy of the starting model; other ranks get
+    None. Otherwise the module's model itself. (Sharded: untested without GPUs.)"""
+    if not is_sharded_strategy(trainer.strategy):
+        return module.model
+    state = trainer.strategy.lightning_module_state_dict()  # full on rank 0 (state_dict_type: full), empty elsewhere
+    if reloaded is None or not is_writer():
+        return None
+    model = reloaded()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})  # the module's one child: model
+    return model
+
+
+def is_sharded_strategy(strategy) -> bool:
+    return any(c.__name__ in SHARDED for c in type(strategy).__mro__)
+
+
 def end_process_group() -> None:
     """Destroy the default process group, if one is up: later code (evaluation) runs alone."""
     import torch.distributed as dist

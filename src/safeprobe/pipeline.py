@@ -203,18 +203,30 @@ def run(cfg: DictConfig) -> dict | None:
         checkpoint.check_start(start, start_sha, out)
     L.seed_everything(c.seed, workers=True)  # after the (possibly cached) alignment stages
     data = data_module(c, base, splits, fmt)
+    sharded = distributed.is_sharded(c.trainer.strategy)
     saves = checkpoint.Checkpoints(out / checkpoint.CHECKPOINT, c.checkpoint_every,
-                                   {"start_weights_sha256": start_sha}, start)
+                                   {"start_weights_sha256": start_sha}, start, saving=not sharded)
 
     def make_trainer(logger) -> L.Trainer:  # a strategy object serves one Trainer: each gets its own
         return L.Trainer(**distributed.trainer_kwargs(c.trainer, base.model), enable_checkpointing=False,
                          enable_model_summary=False, default_root_dir=str(out), callbacks=[saves], logger=logger)
 
-    make_trainer(False)  # Lightning's own checks (devices, precision, strategy) before any work
+    def reloaded() -> torch.nn.Module:  # a sharded fit: a whole model for the weights gathered on rank 0
+        again = alignment_stage(load_base(c.model, c.paths.cache_dir), c, splits, fmt)
+        return again.model if again.adapter_continued else apply_adapter(again.model, c.adapter)
+
+    try:
+        make_trainer(False)  # Lightning's own checks (devices, precision, strategy) before any work
+    except (ValueError, TypeError) as e:  # e.g. FSDP without a GPU, a strategy argument of the wrong type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"lightning rejected the trainer settings ({first}); allowed: settings this machine can "
+                          "run, e.g. trainer=cpu") from None
     if not writer:  # a rank > 0: the same model and data, its part of the fit, nothing written
         trainer = make_trainer(False)
+        module = fine_tuning_module(c, base, start)
         with stop_between_steps(), distributed.fitting(trainer, out / "config.yaml"):
-            trainer.fit(fine_tuning_module(c, base, start), datamodule=data)
+            trainer.fit(module, datamodule=data)
+            distributed.whole_model(trainer, module, None)  # its part in gathering sharded weights
         return None
 
     if start is None:
@@ -244,6 +256,7 @@ def run(cfg: DictConfig) -> dict | None:
         trainer = make_trainer(loggers or False)
         with stop_between_steps(), distributed.fitting(trainer, out / "config.yaml"):
             trainer.fit(module, datamodule=data)
+            model = distributed.whole_model(trainer, module, reloaded if sharded else None)
         results["train"] = {"seconds": round(saves.elapsed(), 2), "steps": trainer.global_step,
                             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
                             "dropped_examples": data.dropped, "resumed_from_step": start["step"] if start else None}
