@@ -38,6 +38,10 @@ def _fail(line: str, code: int) -> None:
     job_dir = _sweep_job_dir()
     if job_dir is None:
         sys.exit(code)
+    from safeprobe import distributed
+
+    if not distributed.is_writer():  # a rank > 0 of a job on several processes: rank 0 records it
+        return
     from safeprobe.reporting.jobs import ERROR_FILE
 
     job_dir.mkdir(parents=True, exist_ok=True)

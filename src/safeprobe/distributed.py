@@ -3,7 +3,7 @@ arguments, and the statistics every method pools over the ranks. See docs/distri
 
 Who writes. One process evaluates and writes the run's files: rank 0, or the only process
 (`is_writer`). Lightning's `ddp` strategy starts the other ranks of a single node when the
-writer's fit begins, by running the same command again; `launching` hands them the run's saved
+writer's fit begins, by running the same command again; `fitting` hands them the run's saved
 config instead (SAFEPROBE_RUN_CONFIG), so they skip Hydra (no second sweep, no log file) and join
 the fit through `pipeline.run`, which gives them the same starting model and data and lets them
 write nothing. Ranks started by a scheduler (srun, torchrun) run the command themselves and
@@ -54,10 +54,21 @@ def rank_from_environment() -> int:
     return 0
 
 
-def is_writer() -> bool:
+def is_writer(trainer_cfg=None) -> bool:
     """Whether this process evaluates and writes the run's files: the only process, or rank 0 of
-    several. The single place that decides it (pipeline.run asks here)."""
+    several. The single place that decides it (pipeline.run asks here, with the run's trainer
+    settings: a run on one device writes whatever a scheduler set, e.g. `srun -n 4` of
+    independent one-device runs)."""
+    if trainer_cfg is not None and one_process(trainer_cfg):
+        return True
     return all(os.environ.get(k, "0").strip() in ("", "0") for k in RANK_VARIABLES)
+
+
+def one_process(trainer_cfg) -> bool:
+    """The trainer settings run a single process: one node, one device."""
+    d = trainer_cfg.devices
+    one_device = d in (1, "1") or (isinstance(d, (list, tuple)) and len(d) == 1)
+    return trainer_cfg.num_nodes == 1 and one_device
 
 
 # ------------------------------------------------------------------ the Lightning arguments
@@ -224,7 +235,7 @@ def whole_model(trainer, module, reloaded):
     if not is_sharded_strategy(trainer.strategy):
         return module.model
     state = trainer.strategy.lightning_module_state_dict()  # full on rank 0 (state_dict_type: full), empty elsewhere
-    if reloaded is None or not is_writer():
+    if reloaded is None or not trainer.is_global_zero:
         return None
     model = reloaded()
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})  # the module's one child: model

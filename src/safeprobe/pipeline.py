@@ -177,7 +177,7 @@ def run(cfg: DictConfig) -> dict | None:
     """The run's results (None on a rank > 0 of several processes: it joins the fit, rank 0
     evaluates and writes; docs/distributed.md)."""
     c: TrainConfig = validate(cfg)
-    writer = distributed.is_writer()  # the one process that evaluates and writes
+    writer = distributed.is_writer(c.trainer)  # the one process that evaluates and writes
     path = kernels.pin(c.cpu_kernels, c.model.kind, c.trainer.accelerator)  # before any kernel runs
     out = Path(c.paths.output_dir)
     if writer:
@@ -256,7 +256,7 @@ def run(cfg: DictConfig) -> dict | None:
         trainer = make_trainer(loggers or False)
         with stop_between_steps(), distributed.fitting(trainer, out / "config.yaml"):
             trainer.fit(module, datamodule=data)
-            model = distributed.whole_model(trainer, module, reloaded if sharded else None)
+            model = distributed.whole_model(trainer, module, reloaded)  # sharded: gathered on rank 0
         results["train"] = {"seconds": round(saves.elapsed(), 2), "steps": trainer.global_step,
                             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
                             "dropped_examples": data.dropped, "resumed_from_step": start["step"] if start else None}
