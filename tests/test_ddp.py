@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -68,26 +70,43 @@ def files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
+RUN = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "method=sap", *DDP_RUN]  # the documented command
+
+
 @pytest.fixture(scope="module")
 def launched(cache_dir, tmp_path_factory):
-    """A DDP run and a DDP sweep of two jobs (the documented commands), started before the
-    equality runs and waited for by the tests that read them."""
+    """Started before the equality runs, waited for by the tests that read them: a DDP run, a
+    DDP sweep of two jobs, and the same DDP run stopped by SIGTERM once its first checkpoint
+    is saved, then resumed (one after the other, in a thread)."""
     root = tmp_path_factory.mktemp("launched")
 
-    def start(name, *args):  # output to files: a full pipe would stall the run until it is read
+    def start(name, *args, session=False):  # output to files: a full pipe would stall the run until read
         with open(root / f"{name}.out", "w") as out, open(root / f"{name}.err", "w") as err:
             return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "train.py"), *args], cwd=PROJECT_ROOT,
-                                    env=os.environ.copy(), stdout=out, stderr=err)
+                                    env=os.environ.copy(), stdout=out, stderr=err, start_new_session=session)
 
-    return root, {"run": start("run", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "method=sap",
-                               *DDP_RUN, f"hydra.run.dir={root / 'run'}"),
-                  "sweep": start("sweep", "-m", "trainer=ddp_cpu", "seed=0,1", "method=sft", *DDP_RUN,
-                                 "eval.before=false", f"paths.root_dir={root / 'sweep'}",
-                                 "hydra.callbacks.sweep_report.wandb=false")}
+    def stop_and_resume():
+        folder = root / "resumed"
+        stopped = start("stopped", *RUN, "checkpoint_every=1", f"hydra.run.dir={folder}", session=True)
+        while stopped.poll() is None and not (folder / "checkpoint.pt").exists():
+            time.sleep(0.05)
+        if stopped.poll() is None:
+            os.killpg(stopped.pid, signal.SIGTERM)  # rank 0 and the rank it started, as Ctrl-C or SLURM would
+        stopped.wait(timeout=600)
+        resumed = start("resumed", *RUN, "checkpoint_every=1", f"hydra.run.dir={folder}", "resume=true")
+        resumed.wait(timeout=600)
+        return stopped, resumed
+
+    procs = {"run": start("run", *RUN, f"hydra.run.dir={root / 'run'}"),
+             "sweep": start("sweep", "-m", "trainer=ddp_cpu", "seed=0,1", "method=sft", *DDP_RUN, "eval.before=false",
+                            f"paths.root_dir={root / 'sweep'}", "hydra.callbacks.sweep_report.wandb=false")}
+    pool = ThreadPoolExecutor(1)
+    yield root, procs, pool.submit(stop_and_resume)
+    pool.shutdown()
 
 
 def finished(launched, which: str) -> tuple[Path, subprocess.Popen, str, str]:
-    root, procs = launched
+    root, procs, _ = launched
     procs[which].wait(timeout=600)
     return root, procs[which], (root / f"{which}.out").read_text(), (root / f"{which}.err").read_text()
 
@@ -163,6 +182,25 @@ def test_a_ddp_sweep_runs_each_job_once_in_its_own_folder(launched):
     for job in jobs:
         assert files(job) == WRITTEN
         assert json.loads((job / "results.json").read_text())["run_dir"] == str(job)
+
+
+def test_a_ddp_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(launched):
+    root, proc, _, _ = finished(launched, "run")
+    stopped, resumed = launched[2].result(timeout=900)
+    lines = [line for line in (root / "stopped.err").read_text().splitlines() if line.startswith("error:")]
+    assert stopped.returncode == 128 + signal.SIGTERM and len(lines) == 1, (root / "stopped.err").read_text()[-3000:]
+    assert "checkpoint saved at step " in lines[0] and "resume=true" in lines[0]
+    assert resumed.returncode == 0, (root / "resumed.err").read_text()[-3000:]
+
+    def results(run):
+        r = json.loads((root / run / "results.json").read_text())
+        del r["run_dir"], r["train"]["seconds"], r["train"]["resumed_from_step"]
+        return r
+
+    assert json.loads((root / "resumed" / "results.json").read_text())["train"]["resumed_from_step"] >= 1
+    assert results("resumed") == results("run") and files(root / "resumed") == WRITTEN
+    weights = "adapter/adapter_model.safetensors"
+    assert (root / "resumed" / weights).read_bytes() == (root / "run" / weights).read_bytes()
 
 
 def test_a_rank_above_0_joins_the_fit_and_writes_nothing(make_cfg, micro, tmp_path, monkeypatch):

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from safeprobe.cli import Interrupted, pending_stop
+from safeprobe import distributed
+from safeprobe.cli import Interrupted, hold_signals, pending_stop
 from safeprobe.config import RunError
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def trainable(module) -> dict[str, torch.nn.Parameter]:
 def save(path: Path, module, trainer: L.Trainer, extra: dict) -> None:
     state = {"step": trainer.global_step, "weights": {n: p.detach().cpu() for n, p in trainable(module).items()},
              "optimizer": trainer.optimizers[0].state_dict(), "method": module.resume_state(), "rng": rng_state(),
-             **extra}
+             "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))), **extra}  # the last step's
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         torch.save(state, tmp)
@@ -133,12 +134,16 @@ class Checkpoints(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.start = time.perf_counter()
+        if trainer.world_size > 1:  # ours, not Lightning's: the ranks then stop together (on_train_batch_end)
+            hold_signals()
 
     def elapsed(self) -> float:
         return self.seconds + time.perf_counter() - self.start
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         signum = pending_stop()
+        if trainer.world_size > 1:  # several processes stop after the same step: any one's signal stops all
+            signum = int(distributed.maximum(torch.tensor(signum or 0, device=module.device))) or None
         if module.replay is None and trainer.is_global_zero and self.saving:  # rank 0 alone writes
             step = trainer.global_step
             if signum is not None or (self.every and step % self.every == 0 and step != trainer.max_steps):

@@ -130,6 +130,15 @@ def stop_between_steps():
         raise Interrupted(_between_steps["signum"])
 
 
+def hold_signals() -> None:
+    """(Re)install the handler that holds SIGTERM / Ctrl-C until the current step ends (main
+    thread only). Lightning's own SIGTERM handler on several processes broadcasts from inside the
+    handler, which deadlocks a rank that is in another collective at that moment."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _stop)
+
+
 def pending_stop() -> int | None:
     """The held signal's number, if one arrived."""
     return _between_steps["signum"]

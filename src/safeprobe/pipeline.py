@@ -258,7 +258,9 @@ def run(cfg: DictConfig) -> dict | None:
             trainer.fit(module, datamodule=data)
             model = distributed.whole_model(trainer, module, reloaded)  # sharded: gathered on rank 0
         results["train"] = {"seconds": round(saves.elapsed(), 2), "steps": trainer.global_step,
-                            "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+                            # a run resumed from its last step's checkpoint trains no step: the checkpoint's loss
+                            "final_loss": float(trainer.callback_metrics.get("train/loss", (start or {}).get(
+                                "loss", float("nan")))),
                             "dropped_examples": data.dropped, "resumed_from_step": start["step"] if start else None}
         phase = "evaluating the fine-tuned model"
         if c.post is not None:  # the fine-tuned model, then the repaired one (which is saved)
