@@ -64,9 +64,10 @@ def run_rank() -> bool:
     """A rank > 0 that Lightning started for a run's fit (it runs the command again, with the
     writer's config in SAFEPROBE_RUN_CONFIG): run the saved config, skipping Hydra (no second
     sweep, no log file), and return True; False for any other process (a rank > 0 that a
-    scheduler started composes with Hydra, told to write neither .hydra/ nor a log file). An expected stop (a config
-    or run error, SIGTERM / Ctrl-C) is one line on stderr and exit status 0: the writer reports the
-    run's outcome, and Lightning stops every process when a rank ends otherwise."""
+    scheduler started composes with Hydra, told to write neither .hydra/ nor a log file).
+    An expected stop (a config or run error, SIGTERM / Ctrl-C) is one line on stderr and exit
+    status 0: the writer reports the run's outcome, and Lightning stops every process when a
+    rank ends otherwise."""
     import os
 
     from safeprobe import distributed
