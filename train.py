@@ -8,12 +8,15 @@ from safeprobe.config import TrainConfig
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    # returns the sweep objective (lower is better) for Hydra sweepers such as Optuna
+def main(cfg: DictConfig) -> float | list[float] | None:
+    # returns the sweep objective for Hydra sweepers such as Optuna: the metrics after fine-tuning
+    # that `objective` names (default [harmful_score]), see safeprobe/reporting/search.py
     from safeprobe.pipeline import run  # heavy imports after the command line is checked
+    from safeprobe.reporting.search import objective_values, sweep_objective
 
     with one_line_errors():
-        return run(cfg)["after"]["harmful_score"]
+        objective = sweep_objective(cfg)
+        return objective_values(run(cfg), objective)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ run_part() {
                     python -m safeprobe.reporting --no-wandb $parts --out "$OUT/all" > /dev/null
                     python benchmarks/compact_table.py "$OUT/all/summary.csv" harmful_score refusal_rate unusable_rate \
                       refusal_margin fine_tune_accuracy test_loss > "$OUT/all/table.md"
-                    python benchmarks/defenses_plot.py "$OUT/all/summary.csv" "$OUT/all/defenses_all.png"
+                    python benchmarks/defenses_plot.py "$OUT/all/summary.csv" "$OUT/all/defenses_all.png" \
+                      --exclude align.method.rho=10.0 --exclude align.method.lam=5.0 --exclude align.method.alpha=1.0
                     python benchmarks/choose_on_val.py --sft "$OUT/aligned" "$OUT/grid_vaccine" "$OUT/grid_booster" \
                       "$OUT/grid_repnoise" > "$OUT/all/chosen.txt" ;;
     all)            printf '%s\n' grid_vaccine grid_booster grid_repnoise control aligned sap repairs antidote \
