@@ -8,14 +8,17 @@ from safeprobe.config import TrainConfig
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    # returns the sweep objective (lower is better) for Hydra sweepers such as Optuna
+def main(cfg: DictConfig) -> float | list[float] | None:
+    # returns the sweep objective for Hydra sweepers such as Optuna: the metrics after fine-tuning
+    # that `objective` names (default [harmful_score]), see safeprobe/reporting/search.py
     from safeprobe.pipeline import run  # heavy imports after the command line is checked
+    from safeprobe.reporting.search import objective_values, sweep_objective
 
-    results = None
     with one_line_errors():
+        objective = sweep_objective(cfg)
         results = run(cfg)
-    return results["after"]["harmful_score"] if results else None  # None: a rank > 0 of several processes
+        # None: a rank > 0 of several processes (rank 0 reports)
+        return objective_values(results, objective) if results is not None else None
 
 
 if __name__ == "__main__":

@@ -20,8 +20,19 @@ TASKS = {"synthetic_instruct": "instruction task", "synthetic_classify": "classi
 
 
 def label(setting: str) -> str:
-    parts = [p for p in setting.split(", ") if not p.startswith(("data=", "method.align_steps", "method.finetune_steps"))]
-    return ", ".join(parts).replace("method=", "")
+    """The run's stages in order, e.g. "base → booster (lam=25.0) → sap → safelora"; other keys after."""
+    keys = dict(p.split("=", 1) for p in setting.split(", ") if "=" in p)
+    shown = ("data", "model.variant", "align", "method", "post")
+    hidden = ("method.align_steps", "method.finetune_steps", "align.method.")
+    knobs = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in keys.items() if k.startswith("align.method."))
+    stages = ["base"] if keys.get("model.variant") == "base" else []
+    if keys.get("align", "none") != "none":
+        stages.append(f"align {keys['align']}" + (f" ({knobs})" if knobs else ""))
+    stages.append(keys.get("method", "sap"))
+    if keys.get("post", "none") != "none":
+        stages.append(keys["post"])
+    rest = [f"{k}={v}" for k, v in keys.items() if k not in shown and not k.startswith(hidden)]
+    return " → ".join(stages) + (f", {', '.join(rest)}" if rest else "")
 
 
 def main() -> None:
@@ -30,6 +41,8 @@ def main() -> None:
     p.add_argument("out_png")
     p.add_argument("--min-n", type=int, default=1,
                    help="leave out instruction-task settings with fewer seeds (the grid-only ones)")
+    p.add_argument("--exclude", action="append", default=[], metavar="OVERRIDE",
+                   help="leave out settings holding this override (a grid's settings not chosen; repeatable)")
     a = p.parse_args()
     cells: dict[str, dict[str, dict]] = defaultdict(dict)
     for r in csv.DictReader(open(a.summary_csv)):
@@ -39,6 +52,8 @@ def main() -> None:
     for setting in cells:
         task = next((t for t in TASKS if f"data={t}" in setting), None)
         n = int(cells[setting].get("harmful_score", {}).get("n") or 0)
+        if any(x in setting.split(", ") for x in a.exclude):
+            continue
         if task and (task != "synthetic_instruct" or n >= a.min_n):
             by_task[task].append(setting)
     tasks = [t for t in TASKS if t in by_task]

@@ -51,7 +51,7 @@ FAMILY_SHAPES = [name for name, (option, _, _) in SHAPES.items() if name == opti
 TINY_SHAPE = dict(SIZES, num_hidden_layers=10)  # 10 layers: room for the reference probe's layers [3, 9]
 PROMPT_WORDS = 16  # ~85 tokens with the Alpaca template and this tokenizer
 ANSWER_WORDS = 600  # >= 600 tokens: longer than any data.max_length up to 512, so every row is cut to the limit
-N_TASK, N_TEST = 80, 4  # 80 task rows: the GPU run's 7 steps of 10 stay within one epoch
+N_TASK, N_TEST = 80, 4  # 80 task (and alignment) rows: batches of 10 are all full
 # the ~100M shape on 2 CPU cores: float32, and a batch a CPU steps through in seconds
 CPU = ["trainer=cpu", "model.dtype=float32", "data.batch_size=4", "data.safety_batch_size=4", "data.max_length=128",
        "data.safety_max_length=128"]
@@ -85,7 +85,7 @@ def write_data(folder: Path, vocab: list[str]) -> list[str]:
         "safety_pairs_path": jsonl("safety_pairs.jsonl", [{"prompt": text(PROMPT_WORDS), "llama3_output": text(ANSWER_WORDS),
                                                            "response": text(ANSWER_WORDS)} for _ in range(16)]),
         "alignment_path": jsonl("alignment.jsonl", [{"prompt": text(PROMPT_WORDS), "refusal": text(ANSWER_WORDS),
-                                                     "response": text(ANSWER_WORDS)} for _ in range(16)]),
+                                                     "response": text(ANSWER_WORDS)} for _ in range(N_TASK)]),
     }
     return [f"data.{k}={v}" for k, v in files.items()] + [f"data.n_train={N_TASK}", f"data.n_test={N_TEST}"]
 
@@ -106,7 +106,9 @@ def prepare(name: str, folder: Path, tiny: bool = False) -> list[str]:
     model = write_model_folder(folder / name, family, TINY_SHAPE if tiny else shape, build_tokenizer())
     data = folder / "data"
     data.mkdir(exist_ok=True)
-    return ["experiment=harmful_finetuning_alpaca", f"model={option}", f"model.name_or_path={model}",
+    # align=none: the fine-tuning steps start from the model as built (the experiment's SFT alignment
+    # stage would train 10,000 steps first); gpu_bench.py times the stage's step itself
+    return ["experiment=harmful_finetuning_alpaca", "align=none", f"model={option}", f"model.name_or_path={model}",
             *write_data(data, words())]
 
 

@@ -16,11 +16,12 @@ OUT=${STAGES_DIR:-multirun/stages}
 SEEDS=seed=0,1,2,3,4
 TASKS=data=synthetic_instruct,synthetic_classify,synthetic_poison
 OTHER_TASKS=data=synthetic_classify,synthetic_poison
+COMPOSED_TASKS=data=synthetic_instruct,synthetic_poison  # + SAP: the classification task left out (time)
 BASE=model.variant=base
 # chosen on validation (grid parts; the report part writes the verdict to all/chosen.txt)
 CHOSEN_VACCINE="align.method.rho=2.0"
-CHOSEN_BOOSTER="align.method.lam=5.0"
-CHOSEN_REPNOISE="align.method.alpha=1.0"
+CHOSEN_BOOSTER="align.method.lam=25.0"
+CHOSEN_REPNOISE="align.method.alpha=0.1"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 KERNELS=${KERNELS:-native}  # the path of docs/results/synthetic.md section 0 (defenses.sh)
 
@@ -40,21 +41,23 @@ run_part() {
     grid_vaccine)   part grid_vaccine data=synthetic_instruct $BASE align=vaccine align.method.rho=2.0,10.0 method=sft $SEEDS ;;
     grid_booster)   part grid_booster data=synthetic_instruct $BASE align=booster align.method.lam=5.0,25.0 method=sft $SEEDS ;;
     grid_repnoise)  part grid_repnoise data=synthetic_instruct $BASE align=repnoise align.method.alpha=1.0,0.1 method=sft $SEEDS ;;
-    final_vaccine)  part final_vaccine $OTHER_TASKS $BASE align=vaccine $CHOSEN_VACCINE method=sft $SEEDS
-                    part final_vaccine_sap $TASKS $BASE align=vaccine $CHOSEN_VACCINE method=sap $SEEDS ;;
-    final_booster)  part final_booster $OTHER_TASKS $BASE align=booster $CHOSEN_BOOSTER method=sft $SEEDS
-                    part final_booster_sap $TASKS $BASE align=booster $CHOSEN_BOOSTER method=sap $SEEDS ;;
-    final_repnoise) part final_repnoise $OTHER_TASKS $BASE align=repnoise $CHOSEN_REPNOISE method=sft $SEEDS
-                    part final_repnoise_sap $TASKS $BASE align=repnoise $CHOSEN_REPNOISE method=sap $SEEDS ;;
+    final_vaccine)  part final_vaccine $OTHER_TASKS $BASE align=vaccine $CHOSEN_VACCINE method=sft $SEEDS ;;
+    sap_vaccine)    part sap_vaccine $COMPOSED_TASKS $BASE align=vaccine $CHOSEN_VACCINE method=sap $SEEDS ;;
+    final_booster)  part final_booster $OTHER_TASKS $BASE align=booster $CHOSEN_BOOSTER method=sft $SEEDS ;;
+    sap_booster)    part sap_booster $COMPOSED_TASKS $BASE align=booster $CHOSEN_BOOSTER method=sap $SEEDS ;;
+    final_repnoise) part final_repnoise $OTHER_TASKS $BASE align=repnoise $CHOSEN_REPNOISE method=sft $SEEDS ;;
+    sap_repnoise)   part sap_repnoise $COMPOSED_TASKS $BASE align=repnoise $CHOSEN_REPNOISE method=sap $SEEDS ;;
     report)         parts=$(ls -d "$OUT"/*/ | grep -v '/all/$')
                     python -m safeprobe.reporting --no-wandb $parts --out "$OUT/all" > /dev/null
                     python benchmarks/compact_table.py "$OUT/all/summary.csv" harmful_score refusal_rate unusable_rate \
                       refusal_margin fine_tune_accuracy test_loss > "$OUT/all/table.md"
-                    python benchmarks/defenses_plot.py "$OUT/all/summary.csv" "$OUT/all/defenses_all.png"
+                    python benchmarks/defenses_plot.py "$OUT/all/summary.csv" "$OUT/all/defenses_all.png" \
+                      --exclude align.method.rho=10.0 --exclude align.method.lam=5.0 --exclude align.method.alpha=1.0
                     python benchmarks/choose_on_val.py --sft "$OUT/aligned" "$OUT/grid_vaccine" "$OUT/grid_booster" \
                       "$OUT/grid_repnoise" > "$OUT/all/chosen.txt" ;;
     all)            printf '%s\n' grid_vaccine grid_booster grid_repnoise control aligned sap repairs antidote \
-                      final_vaccine final_booster final_repnoise | xargs -P 2 -I{} bash "$0" {}
+                      final_vaccine final_booster final_repnoise sap_vaccine sap_booster sap_repnoise \
+                      | xargs -P 2 -I{} bash "$0" {}
                     run_part report ;;
     *) echo "unknown part '$1'; see the case list in $0" >&2; exit 2 ;;
   esac

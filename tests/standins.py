@@ -6,6 +6,7 @@ a chat template, so `model.kind=pretrained model.name_or_path=<folder>` loads it
 would load the real model. Only the size, the weights and the vocabulary are stand-ins.
 
     python tests/standins.py llama /tmp/tiny-llama              # a chat model of a family
+    python tests/standins.py llama /tmp/tiny-llama-base 10 1    # 10 layers, weights of seed 1 (another model)
     python tests/standins.py beaverdam /tmp/tiny-beaverdam      # a judge (beaverdam|llamaguard|harmbench)
     python tests/standins.py overrides alpaca /tmp/tiny-llama /tmp/tiny-beaverdam   # fixture overrides
 """
@@ -115,14 +116,16 @@ TASK_FILES = {"alpaca": ("alpaca.jsonl", None), "sst2": ("sst2_train.jsonl", "ss
 def fixture_overrides(task: str, model_dir: str | Path, beaverdam_dir: str | Path) -> list[str]:
     """Point a real experiment (conf/experiment/) whose data.task is `task` at a stand-in model
     and the fixture files (the alignment and harmful streams, for the methods that read them:
-    the beavertails_refusals file, data.alignment_set's default): one training step on the CPU
-    in float32 (bf16 matmuls are slow on CPUs), then a 2-prompt evaluation judged by the
-    beaverdam stand-in and keyword matching."""
+    the beavertails_refusals file, data.alignment_set's default): an alignment stage (where the
+    experiment or align=... has one) of 2 steps at batch 2, one training step on the CPU in
+    float32 (bf16 matmuls are slow on CPUs), then a 2-prompt evaluation judged by the beaverdam
+    stand-in and keyword matching."""
     train, test = TASK_FILES[task]
     a = ASSETS
     return [
         f"model.name_or_path={model_dir}", "model.dtype=float32", "trainer=cpu", "trainer.max_steps=1",
-        "trainer.max_epochs=-1", "trainer.enable_progress_bar=false", "logger=csv",
+        "trainer.max_epochs=-1", "trainer.enable_progress_bar=false", "logger=csv", "++align.steps=2",
+        "++align.batch_size=2",  # ++: align=none's node has neither key
         f"data.task_path={a / train}", *([f"data.task_test_path={a / test}"] if test else []),
         "data.n_train=4", "data.n_test=2", f"data.poison_path={a / 'beavertails_30k_train.jsonl'}",
         f"data.harmful_eval_path={a / 'beavertails_30k_test.jsonl'}", f"data.safety_pairs_path={a / 'circuit_breakers.json'}",
@@ -133,24 +136,28 @@ def fixture_overrides(task: str, model_dir: str | Path, beaverdam_dir: str | Pat
     ]
 
 
-_BUILT: dict[tuple[str, int], Path] = {}
+_BUILT: dict[tuple[str, int, int], Path] = {}
 
 
-def standin(kind: str, layers: int = 2) -> Path:
+def standin(kind: str, layers: int = 2, seed: int = 0) -> Path:
     """The folder of a stand-in, built on first use in a temporary folder and kept for the
     process. kind: a family (llama, qwen2, mistral, gemma, gemma2) or a judge (beaverdam,
-    llamaguard, harmbench)."""
-    if (kind, layers) not in _BUILT:
-        folder = Path(tempfile.mkdtemp(prefix=f"standin-{kind}-{layers}-"))
+    llamaguard, harmbench). seed: the weights' seed; another seed is another model of the same
+    family, shape and tokenizer (e.g. the unaligned model of a stand-in: model.base_name_or_path)."""
+    key = (kind, layers, seed)
+    if key not in _BUILT:
+        folder = Path(tempfile.mkdtemp(prefix=f"standin-{kind}-{layers}-{seed}-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        _BUILT[kind, layers] = build_causal_lm(kind, folder, layers) if kind in FAMILIES else build_judge(kind, folder)
-    return _BUILT[kind, layers]
+        _BUILT[key] = (build_causal_lm(kind, folder, layers, seed) if kind in FAMILIES
+                       else build_judge(kind, folder, seed))
+    return _BUILT[key]
 
 
 if __name__ == "__main__":
     what, *rest = sys.argv[1:]
     if what in FAMILIES:
-        print(build_causal_lm(what, rest[0], layers=int(rest[1]) if len(rest) > 1 else 10))
+        print(build_causal_lm(what, rest[0], layers=int(rest[1]) if len(rest) > 1 else 10,
+                              seed=int(rest[2]) if len(rest) > 2 else 0))
     elif what == "overrides":
         print(" ".join(fixture_overrides(*rest)))
     else:

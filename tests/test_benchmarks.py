@@ -11,8 +11,11 @@ import subprocess
 
 from safeprobe.config import PROJECT_ROOT
 from safeprobe.methods import METHODS
+from safeprobe.methods.registry import fine_tuning_methods
+from safeprobe.post import REPAIRS
 from tests.conftest import FAST, run_script
 
+STAGE_DEFENSES = sorted(m for m, spec in METHODS.items() if spec.stage == "alignment")
 TINY = [o for o in FAST if not o.startswith(("trainer.max_steps", "cpu_kernels", "logger", "trainer.enable_progress",
                                              "trainer.log_every"))]
 
@@ -59,18 +62,30 @@ def test_kernel_paths_builds_and_compares_each_setting(tmp_path):
     assert (tmp_path / "k" / "kernel_paths.json").is_file()
 
 
-def test_gpu_benchmark_tiny_mode_prints_every_family_and_method(tmp_path):
+def test_gpu_benchmark_tiny_mode_prints_every_family_method_stage_defense_and_repair(tmp_path):
     families = ["llama2_7b_chat", "mistral_7b_instruct", "qwen2_5_7b_instruct", "gemma2_9b_it"]  # each config class
     proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--families", ",".join(families), "--out", str(tmp_path)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TINY": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
-             if line.startswith("| ") and not line.startswith("| family")]
-    train = {(r[0], r[1]): [float(x) for x in r[2:]] for r in cells if len(r) == 7}
-    generate = {r[0]: [float(x) for x in r[1:]] for r in cells if len(r) == 6}
-    assert set(train) == {(f, m) for f in families for m in [*METHODS, "sap_every_step"]}, proc.stdout
+    tables = {}  # header's second column -> rows of cells
+    for block in proc.stdout.split("\n\n"):
+        rows = [[c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines() if line.startswith("| ")]
+        if rows and rows[0][0] == "family":
+            tables[rows[0][1]] = rows[1:]
+    assert set(tables) == {"method", "repair", "prompts"}, proc.stdout
+    train = {(r[0], r[1]): [float(x) for x in r[2:]] for r in tables["method"]}
+    repairs = {(r[0], r[1]): [float(x) for x in r[2:7]] for r in tables["repair"]}
+    generate = {r[0]: [float(x) for x in r[1:]] for r in tables["prompts"]}
+    fine_tuning = [*fine_tuning_methods(), "sap_every_step"]
+    stage = [f"align={m}" for m in ["sft", *STAGE_DEFENSES]]  # the stage's step, next to plain SFT alignment
+    assert set(train) == {(f, m) for f in families for m in [*fine_tuning, *stage]}, proc.stdout
+    assert set(repairs) == {(f, f"post={r}") for f in families for r in REPAIRS}, proc.stdout
     assert set(generate) == set(families), proc.stdout
     assert all(math.isfinite(v) and v > 0 for row in [*train.values(), *generate.values()] for v in row), proc.stdout
+    assert all(math.isfinite(v) and v >= 0 for row in repairs.values() for v in row), proc.stdout
     assert all(train[f, "sft"][3:] == [1.0, 1.0] for f in families)  # ratios to itself
+    assert all(re.search(r"\d+ of \d+ LoRA layers projected", r[7]) for r in tables["repair"] if r[1] == "post=safelora")
+    assert all(re.search(r"[1-9]\d* examples", r[7]) for r in tables["repair"] if r[1] == "post=antidote")
     saved = json.loads((tmp_path / "gpu_bench.json").read_text())["results"]
-    assert set(saved) == set(families) and set(saved["gemma2_9b_it"]["train"]) == {*METHODS, "sap_every_step"}
+    assert set(saved) == set(families) and set(saved["gemma2_9b_it"]["train"]) == set(fine_tuning)
+    assert set(saved["gemma2_9b_it"]["stage"]) == set(stage) and set(saved["gemma2_9b_it"]["repairs"]) == set(REPAIRS)

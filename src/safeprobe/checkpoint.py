@@ -166,7 +166,7 @@ def carry_csv_rows(loggers, step: int) -> None:
                 lg.experiment.log_metrics({k: float(v) for k, v in row.items() if v and k != "step"}, int(row["step"]))
 
 
-IGNORED = ("resume", "checkpoint_every")  # may differ between a run and its resumption
+IGNORED = ("resume", "checkpoint_every", "objective")  # may differ between a run and its resumption (objective: what a sweeper reads back)
 
 
 def _flat(node, prefix: str = "") -> dict:

@@ -434,6 +434,31 @@ class AlignConfig:
         one_of("align.lora", self.lora, ("double", "single"))
 
 
+# what train.py may return to a Hydra sweeper: the metrics of results.json's "after"
+OBJECTIVE_HARMFUL = ("harmful_score", *(f"harmful_score/{j}" for j in JUDGES), "refusal_rate", "unusable_rate",
+                     "refusal_margin", "refusal_margin/sequence")  # also scored on the validation split: val/<name>
+OBJECTIVE_TASK = ("fine_tune_accuracy", "test_loss", "benign_compliance")
+
+
+def check_objective(objective: list[str], data: DataConfig, ev: EvalConfig) -> None:
+    """`objective`: metrics after fine-tuning; val/... only where the run scores a validation split."""
+    allowed = (*OBJECTIVE_HARMFUL, *OBJECTIVE_TASK, *(f"val/{m}" for m in OBJECTIVE_HARMFUL))
+    require(len(objective) >= 1 and all(m in allowed for m in objective), "objective", list(objective),
+            "a non-empty list of metrics after fine-tuning: " + ", ".join((*OBJECTIVE_HARMFUL, *OBJECTIVE_TASK))
+            + ", and val/<harmful metric> (the validation split)")
+    val = [m for m in objective if m.startswith("val/")]
+    if val and not (data.source == "synthetic" and ev.split == "test" and ev.also_val):
+        if data.source != "synthetic":
+            why = "data.source=hub: the real harmful sets have no validation split"
+            fix = "metrics without val/, which are the test split's (choosing on them tunes on the test set)"
+        elif ev.split == "val":
+            why, fix = "eval.split=val scores the validation split itself", f"the same without val/: {val[0][4:]}"
+        else:
+            why, fix = "eval.also_val=false", "eval.also_val=true"
+        raise ConfigError(f"objective {val[0]!r} needs the validation split scored next to the test split, and this "
+                          f"run scores none ({why}); allowed: {fix}")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -453,10 +478,14 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # what train.py returns to a Hydra sweeper (conf/hparams_search): these metrics after fine-tuning,
+    # in the order of hydra.sweeper.direction; val/...: the validation split (docs/reporting.md)
+    objective: list[str] = field(default_factory=lambda: ["harmful_score"])
 
     def __post_init__(self):
         require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "0 (off) or an integer >= 1")
         one_of("cpu_kernels", self.cpu_kernels, ("auto", "native", "portable"))
+        check_objective(self.objective, self.data, self.eval)
 
 
 @dataclass
@@ -566,7 +595,7 @@ def check_probe_layers(layers: list[int], n_layers: int) -> None:
 # --------------------------------------------------------------- command-line checks
 
 GROUPS = ("model", "adapter", "method", "probe", "align", "post", "data", "eval", "trainer", "logger", "experiment",
-          "paths")
+          "paths", "hparams_search")
 
 
 def group_options(group: str) -> list[str]:

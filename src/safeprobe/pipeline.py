@@ -296,18 +296,19 @@ def run(cfg: DictConfig) -> dict | None:
 
 
 def unaligned_model_config(c: TrainConfig) -> ModelConfig:
-    """The model before safety alignment, of the run's architecture (SafeLoRA's base): the model
-    before the alignment stage when there is one; else the synthetic world's base variant, or
-    model.base_name_or_path."""
+    """The model before safety alignment, of the run's architecture (SafeLoRA's base): a pretrained
+    model's model.base_name_or_path, or the synthetic chat model's base variant; else, when an
+    alignment stage aligned an unaligned model, that model as it was before the stage."""
+    if c.model.kind == "pretrained" and c.model.base_name_or_path:
+        return dataclasses.replace(c.model, name_or_path=c.model.base_name_or_path, base_name_or_path=None)
+    if c.model.kind == "synthetic" and c.model.variant == "chat":
+        return dataclasses.replace(c.model, variant="base")
     if c.align.method is not None:
         return c.model
-    if c.model.kind == "synthetic":
-        return dataclasses.replace(c.model, variant="base")
-    if not c.model.base_name_or_path:
-        raise ConfigError(f"model.base_name_or_path=null is invalid with post={c.post.name}; allowed: the unaligned "
-                          f"model of {c.model.name_or_path}'s architecture (a Hub id or a local folder), or an "
-                          "alignment stage (align=...), whose starting model is then the unaligned one")
-    return dataclasses.replace(c.model, name_or_path=c.model.base_name_or_path, base_name_or_path=None)
+    what = "model.base_name_or_path=null" if c.model.kind == "pretrained" else "model.variant=base"
+    raise ConfigError(f"{what} is invalid with post={c.post.name} and no alignment stage; allowed: the unaligned "
+                      "model of the same architecture (model.base_name_or_path for a pretrained model), or an "
+                      "alignment stage (align=...) that aligns this model first")
 
 
 def check_post(c: TrainConfig) -> None:

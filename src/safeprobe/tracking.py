@@ -21,13 +21,17 @@ PACKAGES = ("safeprobe", "torch", "lightning", "transformers", "peft", "hydra-co
 
 
 def git_commit(root: Path) -> dict:
+    """git's answer in a checkout; in a Docker image, which holds no .git, the commit it was built
+    from (--build-arg GIT_COMMIT, which the image sets as SAFEPROBE_GIT_COMMIT; dirty unknown)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        if commit := git("rev-parse", "HEAD"):
+            return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        pass
+    return {"commit": os.environ.get("SAFEPROBE_GIT_COMMIT") or None, "dirty": None}
 
 
 # variables that change which kernels run, and so the last bits of every number on a CPU
