@@ -6,7 +6,6 @@ returns validation-split objectives and resumes its stored study."""
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import json
 import os
 import pickle
@@ -19,35 +18,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from safeprobe.config import CONF_DIR, PROJECT_ROOT, ConfigError, RunError, TrainConfig
+from safeprobe.config import CONF_DIR, PROJECT_ROOT, ConfigError, RunError
 from safeprobe.reporting.callback import SweepReport
 from safeprobe.reporting.search import objective_values, sqlite_file, sweep_objective
 from tests.conftest import FAST
+from tests.test_reporting import TOY_APP
 
-# The search needs the top-level key `objective` in TrainConfig and the group hparams_search in
-# config.GROUPS and conf/train.yaml's defaults (the report of issue 12, part 2).
-needs_objective_key = pytest.mark.skipif(
-    "objective" not in {f.name for f in dataclasses.fields(TrainConfig)},
-    reason="TrainConfig has no `objective` key yet")
-
-TOY_APP = """
-import json
-from pathlib import Path
-import hydra
-from hydra.core.hydra_config import HydraConfig
-
-@hydra.main(config_path="conf", config_name="toy", version_base="1.3")
-def main(cfg):
-    if cfg.seed == 2 and cfg.method == "sap":
-        raise RuntimeError("toy failure")
-    hs = {"sft": 50.0, "sap": 20.0}[cfg.method] + cfg.seed
-    m = {"harmful_score": hs, "refusal_margin": -hs, "fine_tune_accuracy": 90.0, "test_loss": 0.5}
-    out = Path(HydraConfig.get().runtime.output_dir)
-    (out / "results.json").write_text(json.dumps({"method": cfg.method, "seed": cfg.seed, "before": m, "after": m}))
-    return hs
-
-main()
-"""
 TOY_CONF = """
 method: sft
 seed: 0
@@ -200,7 +176,6 @@ def test_train_sweep_with_parallel_jobs(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-@needs_objective_key
 def test_optuna_search_on_validation_resumes_its_study(cache_dir, tmp_path):
     import optuna
 
@@ -223,7 +198,6 @@ def test_optuna_search_on_validation_resumes_its_study(cache_dir, tmp_path):
         assert config.method.name == "sap" and config.probe.eps == pytest.approx(trial.params["probe.eps"])
 
 
-@needs_objective_key
 def test_a_val_objective_without_a_validation_split_stops_with_one_line(cache_dir, tmp_path):
     proc = train(tmp_path, "data=sst2", "objective=[val/harmful_score,fine_tune_accuracy]", f"paths.root_dir={tmp_path}",
                  timeout=120)

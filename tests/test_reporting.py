@@ -168,7 +168,7 @@ def test_callback_is_registered():
 
 
 TOY_APP = """
-import json, sys
+import json
 from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -181,6 +181,7 @@ def main(cfg):
     m = {"harmful_score": hs, "refusal_margin": -hs, "fine_tune_accuracy": 90.0, "test_loss": 0.5}
     out = Path(HydraConfig.get().runtime.output_dir)
     (out / "results.json").write_text(json.dumps({"method": cfg.method, "seed": cfg.seed, "before": m, "after": m}))
+    return hs
 
 main()
 """

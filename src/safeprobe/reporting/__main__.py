@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from safeprobe.reporting.jobs import find_job_dirs
+from safeprobe.reporting.jobs import unreadable_sweep_dirs
 from safeprobe.reporting.report import write_report
 from safeprobe.reporting.wandb_summary import WandbTarget, sweep_group
 
@@ -35,14 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    missing = [d for d in args.sweep_dirs if not d.is_dir()]
-    if missing:
-        print(f"error: not a folder: {', '.join(map(str, missing))}", file=sys.stderr)
-        return 2
-    if not any(find_job_dirs(d) for d in args.sweep_dirs):
-        print(f"error: no job folders (.hydra/ or config.yaml) under {', '.join(map(str, args.sweep_dirs))}",
-              file=sys.stderr)
-        return 1
+    if status := unreadable_sweep_dirs(args.sweep_dirs):
+        return status
     target = None
     if not args.no_wandb:
         group = args.group or sweep_group(args.sweep_dirs[0].absolute())

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from safeprobe.reporting.aggregate import Group, Summary, aggregate
-from safeprobe.reporting.jobs import Job, find_job_dirs, override_key
+from safeprobe.reporting.jobs import Job, override_key, unreadable_sweep_dirs
 from safeprobe.reporting.tables import TITLES, markdown
 from safeprobe.reporting.wandb_summary import sweep_group
 
@@ -459,14 +459,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    missing = [d for d in args.sweep_dirs if not d.is_dir()]
-    if missing:
-        print(f"error: not a folder: {', '.join(map(str, missing))}", file=sys.stderr)
-        return 2
-    if not any(find_job_dirs(d) for d in args.sweep_dirs):
-        print(f"error: no job folders (.hydra/ or config.yaml) under {', '.join(map(str, args.sweep_dirs))}",
-              file=sys.stderr)
-        return 1
+    if status := unreadable_sweep_dirs(args.sweep_dirs):
+        return status
     try:
         p = plan(args.sweep_dirs, args.project, args.entity, args.group, args.reference, args.error_bars, args.title)
         for w in p.warnings:

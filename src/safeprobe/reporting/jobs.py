@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def setting_key(overrides: tuple[str, ...], method: str | None) -> tuple[str, ..
 def _natural(path: Path) -> list:
     """Sort `2_...` before `10_...` so jobs list in Hydra's order."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.as_posix())]
+
+
+def unreadable_sweep_dirs(sweep_dirs: list[Path]) -> int:
+    """The command lines' check of their folders: 0 when each is a folder and jobs are under them;
+    else the exit status (2: not a folder, 1: no job), its reason printed on one line."""
+    missing = [d for d in sweep_dirs if not d.is_dir()]
+    if missing:
+        print(f"error: not a folder: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
+    if not any(find_job_dirs(d) for d in sweep_dirs):
+        print(f"error: no job folders (.hydra/ or config.yaml) under {', '.join(map(str, sweep_dirs))}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
