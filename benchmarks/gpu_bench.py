@@ -85,7 +85,10 @@ from safeprobe.post import REPAIRS, PostContext, apply_repair  # noqa: E402
 from safeprobe.stages import stage_config, stage_splits, stage_task  # noqa: E402
 
 PER_METHOD = {"lisa": ["method.align_steps=1"],  # its default 100 alignment steps come before any task step
-              "sap_every_step": ["sap", "probe.refresh_every=1"]}  # the paper's SAP, next to the default (every 16)
+              "sap_every_step": ["sap", "probe.refresh_every=1"],  # the paper's SAP, next to the default (every 16)
+              # the same with the two-pass probe difference, which bf16 rounds to noise (docs/sap.md, "Precision"):
+              # the cost of the midpoint rule's second backward, side by side
+              "sap_two_pass_probe": ["sap", "probe.refresh_every=1", "probe.difference=finite"]}
 STAGE_DEFENSES = [m for m, spec in METHODS.items() if spec.stage == "alignment"]  # align=NAME only
 GPU = dict(warmup=2, steps=16, stage_steps=8, rounds=1, prompt_tokens=128, new_tokens=128,
            overrides=["data.max_length=256"])
@@ -131,7 +134,7 @@ def parse_args():
     args.stages = list(dict.fromkeys(["sft", *stages])) if stages else []  # align=sft: what they are compared with
     args.repairs = list(dict.fromkeys(repairs))
     if "sap" in args.methods:
-        args.methods.append("sap_every_step")
+        args.methods += ["sap_every_step", "sap_two_pass_probe"]
     return args
 
 

@@ -76,7 +76,7 @@ def test_gpu_benchmark_tiny_mode_prints_every_family_method_stage_defense_and_re
     train = {(r[0], r[1]): [float(x) for x in r[2:]] for r in tables["method"]}
     repairs = {(r[0], r[1]): [float(x) for x in r[2:7]] for r in tables["repair"]}
     generate = {r[0]: [float(x) for x in r[1:]] for r in tables["prompts"]}
-    fine_tuning = [*fine_tuning_methods(), "sap_every_step"]
+    fine_tuning = [*fine_tuning_methods(), "sap_every_step", "sap_two_pass_probe"]
     stage = [f"align={m}" for m in ["sft", *STAGE_DEFENSES]]  # the stage's step, next to plain SFT alignment
     assert set(train) == {(f, m) for f in families for m in [*fine_tuning, *stage]}, proc.stdout
     assert set(repairs) == {(f, f"post={r}") for f in families for r in REPAIRS}, proc.stdout

@@ -192,6 +192,10 @@ class ProbeConfig:
     refresh_every: int = 16  # steps between new unsafe directions and probes (kept in between); 1: every step
     probe_examples: int | None = None  # task examples the probe search reads (the batch's first n); None: all
     safety_chunk: int | None = None  # safety pairs per backward of the direction pass; None: within the task batch
+    # how grad_V [L(theta + delta, V) - L(theta, V)] is computed: finite (two passes, the paper's formula) |
+    # midpoint (the integral of its derivative along delta, midpoint rule: one pass + a second backward,
+    # exact in 16-bit) | auto (finite in float32, midpoint where the step computes in bf16/fp16)
+    difference: str = "auto"
 
     def __post_init__(self):
         require(self.eps >= 0, "probe.eps", self.eps, "a number >= 0")
@@ -210,6 +214,7 @@ class ProbeConfig:
         one_of("probe.mode", self.mode, ("clean", "faithful"))
         require(self.temperature > 0, "probe.temperature", self.temperature, "a number > 0")
         one_of("probe.contrast", self.contrast, ("sequence", "decision"))
+        one_of("probe.difference", self.difference, ("auto", "finite", "midpoint"))
 
 
 @dataclass
@@ -486,6 +491,14 @@ class TrainConfig:
         require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "0 (off) or an integer >= 1")
         one_of("cpu_kernels", self.cpu_kernels, ("auto", "native", "portable"))
         check_objective(self.objective, self.data, self.eval)
+        # the trained weights are their own master copy: in 16-bit, every update below the format's
+        # resolution (relative 2^-8 in bf16) is rounded away
+        require(self.trainer.precision not in ("bf16-true", "16-true"), "trainer.precision", self.trainer.precision,
+                "32-true or a mixed precision such as bf16-mixed (a 16-bit '-true' precision trains 16-bit weights "
+                "with no float32 master copy)")
+        require(self.adapter.kind != "full" or self.model.dtype == "float32", "model.dtype", self.model.dtype,
+                "float32 with adapter=full (the trained weights stay float32 master weights; trainer.precision="
+                "bf16-mixed still computes in bf16), or adapter=lora (PEFT keeps LoRA weights in float32)")
 
 
 @dataclass

@@ -19,6 +19,11 @@ ranks' weighted gradient sums are brought to one scale and summed before the nor
 probe gradient is averaged over the ranks before its sign step, and probe.probe_examples counts
 the global batch's first rows (distributed.py, docs/distributed.md).
 
+In bf16/fp16 (mixed precision or 16-bit weights) the two passes of step 3 differ by less than
+their rounding at the paper's harmful_step (2e-5): their difference is noise. There the same
+difference is taken as the integral of its derivative along delta (midpoint rule: one pass and a
+second backward), which subtracts nothing (probe.difference, docs/sap.md "Precision").
+
 `probe.mode=faithful` reproduces the reference code instead: V is an AdamW-optimized
 tensor (lr = eps) whose moments persist across steps, zeroed and re-stepped after each
 update, so the probe used at step t was found on batch t-1, and the L(theta, V) half of
@@ -31,9 +36,10 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from safeprobe import distributed
-from safeprobe.config import check_probe_layers
+from safeprobe.config import ConfigError, check_probe_layers
 from safeprobe.data.formatting import IGNORE, up_to_first_difference
 from safeprobe.methods.base import FineTuneModule
 from safeprobe.methods.losses import sequence_logprobs, task_loss
@@ -67,6 +73,17 @@ def global_norm(tensors) -> torch.Tensor:
     return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def computes_in_16_bit(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the model's passes run in bf16/fp16 here: autocast on (Lightning's *-mixed precision),
+    or 16-bit weights."""
+    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in HALF:
+        return True
+    return any(p.dtype in HALF for p in model.parameters())
+
+
 @register("sap")
 class SAPModule(FineTuneModule):
     """SAP's settings are the `probe` group (probe.*), not method.*: `-m probe.eps=...` sweeps."""
@@ -76,6 +93,10 @@ class SAPModule(FineTuneModule):
     @classmethod
     def check_config(cls, cfg) -> None:
         check_probe_layers(cfg.probe.layers, model_depth(cfg.model))
+        if cfg.model.attn_implementation == "flash_attention_2" and cfg.probe.difference != "finite":
+            raise ConfigError("model.attn_implementation='flash_attention_2' is invalid with SAP in 16-bit; allowed: "
+                              "sdpa or eager (the probe's midpoint difference takes a second derivative, which "
+                              "FlashAttention-2 lacks), or probe.difference=finite (rounding noise at small harmful_step)")
 
     def __init__(self, model: torch.nn.Module, cfg):
         super().__init__(model, cfg)
@@ -151,26 +172,42 @@ class SAPModule(FineTuneModule):
         batch = self.cfg.data.batch_size
         return n_pairs if 2 * n_pairs <= batch else max(1, batch // 2)
 
+    def harmful_scale(self) -> float:
+        """||delta|| = harmful_step * ||theta||, over the trainable weights."""
+        return float(self.probe_cfg.harmful_step * global_norm(self.trainable_parameters()))
+
     @contextmanager
-    def perturbed(self, direction: list[torch.Tensor]):
+    def perturbed(self, direction: list[torch.Tensor], fraction: float = 1.0):
         """theta <- theta + harmful_step * ||theta|| * g_hat inside the block; restored
-        exactly (from a copy, not by subtraction) on the way out."""
+        exactly (from a copy, not by subtraction) on the way out. Autocast keeps the 16-bit copy
+        of each fp32 weight it made earlier in the step (Lightning's mixed precision wraps the
+        whole step): that cache is dropped on entry and exit, or every pass would see the
+        unperturbed weights and the probe gradient would be exactly 0."""
         params = self.trainable_parameters()
-        scale = self.probe_cfg.harmful_step * global_norm(params)
+        scale = fraction * self.harmful_scale()
         backup = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
                 for p, d in zip(params, direction):
-                    p.add_(d.to(p.dtype), alpha=float(scale))
+                    p.add_(d.to(p.dtype), alpha=scale)
+            torch.clear_autocast_cache()
             yield
         finally:
             with torch.no_grad():
                 for p, b in zip(params, backup):
                     p.copy_(b)
+            torch.clear_autocast_cache()
+
+    def midpoint_difference(self) -> bool:
+        """probe.difference resolved for this step (auto: midpoint when it computes in 16-bit)."""
+        how = self.probe_cfg.difference
+        return how == "midpoint" or (how == "auto" and computes_in_16_bit(self.model, self.device))
 
     def probe_gradient(self, task: dict, vectors: torch.Tensor, direction) -> torch.Tensor:
         """grad_V [L(theta + delta, V) - L(theta, V)], with no weight gradients."""
         v = vectors.detach().requires_grad_(True)
+        if self.midpoint_difference():
+            return distributed.mean(self.midpoint_probe_gradient(task, v, direction))
         # both passes draw the same dropout masks (the RNG is rewound after the first), so their
         # difference is delta's effect alone, not dropout noise; delta = 0 gives exactly 0
         with self.side_rng(), self.perturbed(direction), self.probe.attached(v):
@@ -178,6 +215,23 @@ class SAPModule(FineTuneModule):
         with self.probe.attached(v):
             (g_zero,) = torch.autograd.grad(task_loss(self.model, task), v)
         return distributed.mean(g_plus - g_zero)  # several processes: the global batch's gradient
+
+    def midpoint_probe_gradient(self, task: dict, v: torch.Tensor, direction) -> torch.Tensor:
+        """The same difference as the integral of its derivative along the step,
+        int_0^1 grad_V (grad_theta L(theta + t delta, V) . delta) dt, by the midpoint rule (t = 1/2):
+        one pass and a second backward, exact to second order in delta, and no difference of two
+        nearly equal passes, so a 16-bit pass keeps its digits (docs/sap.md, "Precision").
+        Second derivatives through attention need PyTorch's math kernel (the fused SDPA kernels
+        have no double backward)."""
+        params = self.trainable_parameters()
+        scale = self.harmful_scale()  # of the unperturbed weights, as the two-pass difference's delta
+        with self.perturbed(direction, fraction=0.5), self.probe.attached(v), sdpa_kernel(SDPBackend.MATH):
+            grads = torch.autograd.grad(task_loss(self.model, task), params, create_graph=True, allow_unused=True)
+            along = sum((g.float() * d.float()).sum() for g, d in zip(grads, direction) if g is not None)
+            if not torch.is_tensor(along) or not along.requires_grad:  # no weight's gradient depends on V
+                return torch.zeros_like(v)
+            (grad,) = torch.autograd.grad(along * scale, v, allow_unused=True)
+        return torch.zeros_like(v) if grad is None else grad.detach()
 
     def find_probe(self, task: dict) -> torch.Tensor:
         c = self.probe_cfg
