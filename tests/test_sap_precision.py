@@ -38,8 +38,12 @@ def with_step(module, harmful_step: float, difference: str = "finite"):
     return module
 
 
-def test_bf16_probe_gradient_agrees_with_float32_at_the_papers_harmful_step(sap):
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_probe_gradient_agrees_with_float32_at_the_papers_harmful_step(sap, lora_dtype):
+    """LoRA in float32 (as PEFT keeps it), or cast to bf16 too: the perturbation must not vanish either way."""
     fp32, bf16, batch = sap
+    for p in bf16.trainable_parameters():
+        p.data = p.data.to(lora_dtype)
     reference, _ = probe_gradient(fp32, batch, PAPER_STEP, "finite", bf16=False)
     auto, _ = probe_gradient(bf16, batch, PAPER_STEP, "auto", bf16=True)
     cos, signs = agreement(auto, reference)
