@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,5 +61,7 @@ def micro(cache_dir):
 
 
 def run_script(script: str, *args: str, cwd: Path = PROJECT_ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=os.environ.copy())
+    """`python <script> <args>` in `cwd`, its output captured (train.py / eval.py: in a warm interpreter, tests/warm.py)."""
+    from tests import warm
+
+    return warm.start(script, *args, cwd=cwd).finish(timeout)

@@ -9,9 +9,10 @@
    the run folder eval.py reads and the cache entries are byte-identical afterwards, and no
    results file appears.
 
-A subprocess costs seconds (mostly importing torch and Lightning), so all selected cases are
-set up and started when the first test runs, two at a time (the machine's cores); each test
-waits for its own. Keys and options fail in `check_cli_overrides` before any heavy import;
+A subprocess costs seconds (mostly importing torch and Lightning), so the commands run in a warm
+interpreter (tests/warm.py: the imports done once, a fresh fork per command), and all selected
+cases are set up and started when the first test runs, two at a time (the machine's cores); each
+test waits for its own. Keys and options fail in `check_cli_overrides` before any heavy import;
 values in `validate`, before the model loads. What test_config.py and test_reliability.py
 already run at the command line is not repeated; some checks that test_data_sources.py and
 test_reliability.py hold in-process run here end to end (status, one line, nothing lost).
@@ -24,7 +25,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from safeprobe.cache import intact
-from safeprobe.config import PROJECT_ROOT
+from tests import warm
 from tests.conftest import FAST, run_script
 
 HYDRA_LOGS = (".hydra", "train.log", "eval.log")  # Hydra rewrites these in the run folder at every start
@@ -330,15 +330,13 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def start_and_stop(script: str, *args: str, cwd: Path, signum: int) -> subprocess.CompletedProcess:
     """Run the command; send `signum` once it builds a cache entry under {cwd}/cache."""
-    command = [sys.executable, str(PROJECT_ROOT / script), *args]
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = warm.start(script, *args, cwd=cwd)
     deadline = time.time() + 300
     while not list((cwd / "cache" / "synthetic").glob(".building-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(0.5)  # well inside the build
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return proc.finish(300)
 
 
 @dataclass

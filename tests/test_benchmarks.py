@@ -63,7 +63,8 @@ def test_kernel_paths_builds_and_compares_each_setting(tmp_path):
 
 
 def test_gpu_benchmark_tiny_mode_prints_every_family_method_stage_defense_and_repair(tmp_path):
-    families = ["llama2_7b_chat", "mistral_7b_instruct", "qwen2_5_7b_instruct", "gemma2_9b_it"]  # each config class
+    # the two most different config classes (every family's step of every method: test_real_models.py)
+    families = ["llama2_7b_chat", "gemma2_9b_it"]
     proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--families", ",".join(families), "--out", str(tmp_path)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TINY": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -81,17 +81,14 @@ def test_eval_py_warns_when_the_machine_or_the_starting_weights_differ_from_the_
 
 def test_two_sweeps_started_together_write_separate_job_folders(micro, tmp_path):
     """`python train.py -m probe.eps=0.01,0.05` twice at once: 2 sweeps x 2 jobs, no collision."""
-    import subprocess
-    import sys
+    from tests import warm
 
-    from safeprobe.config import PROJECT_ROOT
-
-    args = [sys.executable, str(PROJECT_ROOT / "train.py"), "-m", "probe.eps=0.01,0.05", *FAST, "logger=default",
-            "trainer.max_steps=1", "eval.n_harmful=2", "eval.n_task=2", f"paths.root_dir={tmp_path}"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    args = ["-m", "probe.eps=0.01,0.05", *FAST, "logger=default", "trainer.max_steps=1", "eval.n_harmful=2",
+            "eval.n_task=2", f"paths.root_dir={tmp_path}"]
+    procs = [warm.start("train.py", *args, cwd=tmp_path) for _ in range(2)]
     for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+        done = p.finish(600)
+        assert done.returncode == 0, done.stderr[-3000:]
     sweeps = sorted(Path(tmp_path, "multirun").glob("*/*"))
     assert len(sweeps) == 2
     for sweep in sweeps:

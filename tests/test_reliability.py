@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from safeprobe.config import PROJECT_ROOT, RunError, validate
+from safeprobe.config import RunError, validate
 from safeprobe.evaluation.evaluate import check_finite
 from safeprobe.models.factory import load_base
+from tests import warm
 from tests.conftest import FAST, run_script
 
 
@@ -89,16 +89,16 @@ def test_json_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_a_non_zero_status(tmp_path, cache_dir, micro, signum):
     run_dir = tmp_path / "run"
-    args = [sys.executable, str(PROJECT_ROOT / "train.py"), *FAST, "trainer.max_steps=100000", "method=sft",
-            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = warm.start("train.py", *FAST, "trainer.max_steps=100000", "method=sft", f"paths.cache_dir={cache_dir}",
+                      f"hydra.run.dir={run_dir}", cwd=tmp_path)
     deadline = time.time() + 120
     while not (run_dir / "csv").exists() and time.time() < deadline:  # the loggers exist: past every check
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signum, err[-2000:]
+    done = proc.finish(120)
+    err = done.stderr
+    assert done.returncode == 128 + signum, err[-2000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     name = signal.Signals(signum).name
     assert len(errors) == 1 and errors[0].startswith(f"error: stopped by {name} while "), err[-2000:]

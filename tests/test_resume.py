@@ -4,10 +4,7 @@ same results.json metrics, same fine-tuned weights bit for bit, for every method
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,8 +12,9 @@ import pytest
 
 from safeprobe import checkpoint
 from safeprobe.cli import Interrupted
-from safeprobe.config import PROJECT_ROOT, ConfigError, RunError
+from safeprobe.config import ConfigError, RunError
 from safeprobe.methods import fine_tuning_methods
+from tests import warm
 from tests.conftest import FAST, run_script
 
 STEPS = ["trainer.max_steps=6"]
@@ -114,15 +112,14 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path, ca
 
     run_dir = tmp_path / "run"
     overrides = [*FAST, "trainer.max_steps=400", "method=sft", f"paths.cache_dir={cache_dir}"]
-    args = [sys.executable, str(PROJECT_ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
+    proc = warm.start("train.py", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     deadline = time.time() + 120
     while not (run_dir / "csv" / "metrics.csv").exists() and time.time() < deadline:  # training has begun
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    done = proc.finish(120)
+    err = done.stderr
+    assert done.returncode == 143, err[-2000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: stopped by SIGTERM while fine-tuning (after "), err[-2000:]
     assert "Traceback" not in err and not (run_dir / "results.json").exists()
