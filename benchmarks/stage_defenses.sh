@@ -16,7 +16,7 @@ OUT=${STAGES_DIR:-multirun/stages}
 SEEDS=seed=0,1,2,3,4
 TASKS=data=synthetic_instruct,synthetic_classify,synthetic_poison
 OTHER_TASKS=data=synthetic_classify,synthetic_poison
-COMPOSED_TASKS=data=synthetic_instruct,synthetic_poison  # + SAP: the classification task left out (time)
+COMPOSED_TASKS=data=synthetic_instruct,synthetic_poison  # + SAP; the classification task: the *_classify parts
 BASE=model.variant=base
 # chosen on validation (grid parts; the report part writes the verdict to all/chosen.txt)
 CHOSEN_VACCINE="align.method.rho=2.0"
@@ -47,6 +47,9 @@ run_part() {
     sap_booster)    part sap_booster $COMPOSED_TASKS $BASE align=booster $CHOSEN_BOOSTER method=sap $SEEDS ;;
     final_repnoise) part final_repnoise $OTHER_TASKS $BASE align=repnoise $CHOSEN_REPNOISE method=sft $SEEDS ;;
     sap_repnoise)   part sap_repnoise $COMPOSED_TASKS $BASE align=repnoise $CHOSEN_REPNOISE method=sap $SEEDS ;;
+    sap_vaccine_classify)  part sap_vaccine_classify data=synthetic_classify $BASE align=vaccine $CHOSEN_VACCINE method=sap $SEEDS ;;
+    sap_booster_classify)  part sap_booster_classify data=synthetic_classify $BASE align=booster $CHOSEN_BOOSTER method=sap $SEEDS ;;
+    sap_repnoise_classify) part sap_repnoise_classify data=synthetic_classify $BASE align=repnoise $CHOSEN_REPNOISE method=sap $SEEDS ;;
     report)         parts=$(ls -d "$OUT"/*/ | grep -v '/all/$')
                     python -m safeprobe.reporting --no-wandb $parts --out "$OUT/all" > /dev/null
                     python benchmarks/compact_table.py "$OUT/all/summary.csv" harmful_score refusal_rate unusable_rate \
@@ -57,6 +60,7 @@ run_part() {
                       "$OUT/grid_repnoise" > "$OUT/all/chosen.txt" ;;
     all)            printf '%s\n' grid_vaccine grid_booster grid_repnoise control aligned sap repairs antidote \
                       final_vaccine final_booster final_repnoise sap_vaccine sap_booster sap_repnoise \
+                      sap_vaccine_classify sap_booster_classify sap_repnoise_classify \
                       | xargs -P 2 -I{} bash "$0" {}
                     run_part report ;;
     *) echo "unknown part '$1'; see the case list in $0" >&2; exit 2 ;;
