@@ -49,6 +49,9 @@ BAD = {
     "method key in a sweep over methods": (["-m", "method=lisa,ldifs", "method.rho=2"],
                                            "a sweep over methods composes the default method first, which lacks 'method.rho'; write it as '++method.rho=2'"),
     "bad method value": (["method=lisa", "method.rho=-1"], "method.rho=-1.0 is invalid; allowed: a number >= 0"),
+    "misspelled key in a free-form mapping": (["model=synthetic_micro", "model.arch.hiden_size=8"],
+                                              "unknown key 'model.arch.hiden_size' in the free-form mapping 'model.arch', "
+                                              "which holds hidden_size, intermediate_size"),
     "unquoted sweep folder": (["paths.output_dir=multirun/x/0_method=sap,seed=0"],
                               "cannot read 'paths.output_dir=multirun/x/0_method=sap,seed=0'; quote a value that holds "
                               "'=', ',' or spaces (a sweep job's folder does), e.g. \"paths.output_dir='multirun/x/0_method=sap,seed=0'\""),
@@ -71,3 +74,7 @@ def test_cli_check_leaves_hydra_syntax_alone():
                          "model.arch.hidden_size=64", "hydra/launcher=basic"])
     with pytest.raises(ConfigError, match="allowed keys under 'optim'"):
         check_cli_overrides(["optim.learning_rate=1"])
+    # a key inside a free-form mapping: one the chosen option's mapping holds, or added with '+'
+    check_cli_overrides(["model=synthetic_micro", "model.arch.num_hidden_layers=2", "+model.arch.rope_theta=100.0"])
+    with pytest.raises(ConfigError, match=r"write '\+model.arch.rope_theta=100.0'"):
+        check_cli_overrides(["model=synthetic_micro", "model.arch.rope_theta=100.0"])

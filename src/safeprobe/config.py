@@ -632,6 +632,7 @@ def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
             key, value = arg.split("=", 1)
             raise ConfigError(f"cannot read {arg!r}; quote a value that holds '=', ',' or spaces (a sweep job's folder "
                               f"does), e.g. \"{key}='{value}'\"") from None
+    free_form = []  # overrides of a key inside a free-form mapping (model.arch.hidden_size=...)
     for o in overrides:
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or key.split(".")[0].split("/")[0] == "hydra":
@@ -667,12 +668,41 @@ def check_cli_overrides(args: list[str], schema: type = TrainConfig) -> None:
                     raise ConfigError(f"unknown key '{key}'; allowed keys under 'post': {', '.join(allowed)}")
                 break
             if ".".join(parts[: i + 1]) in _FREE_FORM or node is None:
+                if node is not None and i + 1 < len(parts):
+                    free_form.append(o)
                 break
             allowed = [f.name for f in dataclasses.fields(node)]
             if part not in allowed:
                 where = f"under '{path}'" if path else "at the top level"
                 raise ConfigError(f"unknown key '{key}'; allowed keys {where}: {', '.join(allowed)}")
             node = _dataclass_of(node, part)
+
+
+    if free_form and schema is TrainConfig:
+        _check_free_form(free_form, [o for o in overrides if o not in free_form])
+
+
+def _check_free_form(free_form: list, others: list) -> None:
+    """A key inside a free-form mapping must be one the composed mapping holds (Hydra's own
+    message for a new one is several lines); a new key is added with '+'. Composes the config
+    with the other overrides (a fraction of a second; only when such a key is given)."""
+    from hydra import compose, initialize_config_dir
+
+    plain = [o.input_line for o in others if not o.is_sweep_override() and o.key_or_group.split(".")[0] != "hydra"]
+    if any(o.is_sweep_override() for o in others):
+        return  # the mapping depends on the sweep's jobs: Hydra checks each
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=plain)
+    except Exception:  # noqa: BLE001  another override is wrong: Hydra or validate reports it
+        return
+    for o in free_form:
+        parent, key = o.key_or_group.rsplit(".", 1)
+        mapping = OmegaConf.select(cfg, parent)
+        if not isinstance(mapping, DictConfig) or key not in mapping:
+            held = ", ".join(str(k) for k in mapping) if isinstance(mapping, DictConfig) and len(mapping) else "no keys"
+            raise ConfigError(f"unknown key '{o.key_or_group}' in the free-form mapping '{parent}', which holds {held}; "
+                              f"to add a key write '+{o.input_line}'")
 
 
 def _method_keys(name: str | None = None) -> list[str]:
