@@ -72,3 +72,30 @@ def test_reports_name_another_cpu_only_where_it_decides_the_bits():
     assert environment_differences({"a": env("AMD EPYC", "portable"), "b": env("Intel Xeon", "portable")}) == []
     native = environment_differences({"a": env("AMD EPYC", "native"), "b": env("Intel Xeon", "native")})
     assert native == ['CPU: "AMD EPYC" (a), "Intel Xeon" (b)']
+
+
+def test_jobs_whose_conf_or_code_was_edited_while_the_sweep_ran_are_flagged(tmp_path):
+    """Hydra composes each sweep job from the files on disk when the job starts: an edit of conf/
+    during a sweep reaches the later jobs, and the report must say so."""
+    import subprocess
+
+    from safeprobe.reporting.environments import environment_differences
+    from safeprobe.tracking import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "probe.yaml").write_text("eps: 0.2\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = git_commit(tmp_path)
+    (tmp_path / "probe.yaml").write_text("eps: 0.3\n")
+    first = git_commit(tmp_path)
+    (tmp_path / "probe.yaml").write_text("eps: 0.4\n")
+    second = git_commit(tmp_path)
+    assert clean["diff_sha256"] is None and not clean["dirty"] and first["dirty"] and second["dirty"]
+    assert environment_differences({"job0": {"git": first}, "job1": {"git": first}}) == []
+    lines = environment_differences({"job0": {"git": first}, "job1": {"git": second}})
+    assert len(lines) == 1 and lines[0].startswith("uncommitted changes (sha256 of git diff): ")

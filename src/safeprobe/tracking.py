@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import netrc
@@ -28,7 +29,11 @@ def git_commit(root: Path) -> dict:
 
     try:
         if commit := git("rev-parse", "HEAD"):
-            return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+            # the uncommitted edits of tracked files, by hash: a sweep whose conf/ or code was edited
+            # while it ran has jobs that differ here (reporting/environments.py flags them)
+            diff = git("diff", "HEAD")
+            return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+                    "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
     except (OSError, subprocess.SubprocessError):
         pass
     return {"commit": os.environ.get("SAFEPROBE_GIT_COMMIT") or None, "dirty": None}
@@ -58,8 +63,6 @@ def machine() -> dict:
 def weights_checksum(model, max_parameters: int = 500_000_000) -> str | None:
     """sha256 of the model's parameters and buffers, in name order (None above max_parameters:
     hashing a 7B model at every start would cost half a minute)."""
-    import hashlib
-
     import torch
 
     state = model.state_dict()

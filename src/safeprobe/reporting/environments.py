@@ -7,7 +7,8 @@ import json
 # what environment.json fields decide the last bits of a result (docs/reproducibility.md)
 COMPARED = {"cpu_kernels": ("cpu_kernels",), "CPU": ("machine", "cpu"), "SIMD capability": ("machine", "cpu_capability"),
             "threads": ("machine", "threads"), "GPU": ("machine", "gpu"), "kernel variables": ("machine", "variables"),
-            "commit": ("git", "commit"), "python": ("python",)}
+            "commit": ("git", "commit"), "uncommitted changes (sha256 of git diff)": ("git", "diff_sha256"),
+            "python": ("python",)}
 
 
 def _field(env: dict, path: tuple[str, ...]):
