@@ -1,7 +1,7 @@
 """A warm interpreter for the tests' `python train.py ...` / `python eval.py ...` commands.
 
 Most of such a command's few seconds go to importing torch, Lightning and transformers. The tests
-run ~150 of them, so each pytest worker starts this file once as a server: it imports those
+run about a hundred of them, so each pytest worker starts this file once as a server: it imports those
 modules, then forks one child per command, which runs the script as `__main__` with the command's
 argv, folder and environment and its own stdout/stderr files, and exits with the script's status
 as the interpreter would (threads joined, atexit handlers run; modules are not torn down). The code under test is the same as in a
