@@ -129,3 +129,14 @@ def test_a_bf16_mixed_lightning_step_finds_a_nonzero_probe_by_the_midpoint_rule(
                         precision="bf16-mixed", enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
     assert rules and float(trainer.callback_metrics["sap/probe_norm"]) > 0
+
+
+def test_the_midpoint_rule_gives_the_same_probe_gradient_under_gradient_checkpointing(sap):
+    """Its second backward goes through recomputed (non-reentrant) checkpoints, as 7B runs use them."""
+    module, _, batch = sap
+    module.direction = module.unsafe_direction(batch["safety"])
+    zeros = module.probe.zeros(batch["task"]["input_ids"])
+    plain = with_step(module, PAPER_STEP, "midpoint").probe_gradient(batch["task"], zeros, module.direction)
+    module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = module.probe_gradient(batch["task"], zeros, module.direction)
+    assert torch.count_nonzero(plain) > 0 and torch.allclose(checkpointed, plain, rtol=1e-4, atol=1e-9)
