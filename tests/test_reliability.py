@@ -154,3 +154,36 @@ def test_eval_py_says_what_a_run_folder_lacks(make_cfg, micro, tmp_path):
     assert garbled.returncode == 2 and "whose config.yaml can be read" in garbled.stderr, garbled.stderr[-2000:]
     assert "Traceback" not in no_adapter.stderr + cut.stderr + garbled.stderr
     assert not list(tmp_path.rglob(".cache"))  # nothing was aligned into the working directory
+
+
+def test_lightnings_sigterm_handling_never_ends_a_stopped_run_as_a_success(make_cfg, tmp_path):
+    """Lightning installs its own SIGTERM handler at the start of fit, which raises SIGTERMException
+    (a SystemExit with status 0) at the end of a step: a run stopped in that window ended with status
+    0, no line and no checkpoint. Our handler replaces it for the training steps, and the exception,
+    should it come anyway, becomes the stop it stands for."""
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from safeprobe import checkpoint, cli
+    from tests.test_sap import setup
+
+    with pytest.raises(cli.Interrupted) as stopped, cli.stop_between_steps():
+        raise SIGTERMException
+    assert stopped.value.signum == signal.SIGTERM
+    with pytest.raises(SystemExit) as other, cli.stop_between_steps():
+        sys.exit(3)  # any other exit passes through
+    assert other.value.code == 3
+
+    handlers = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, *args):
+            handlers.append(signal.getsignal(signal.SIGTERM))
+
+    _, module, dm = setup(make_cfg, "method=sft")
+    trainer = L.Trainer(max_steps=2, max_epochs=-1, logger=False, enable_checkpointing=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[checkpoint.Checkpoints(tmp_path / "checkpoint.pt", 0, {}), Watch()])
+    with cli.stop_between_steps():
+        trainer.fit(module, datamodule=dm)
+    assert handlers == [cli._stop, cli._stop]

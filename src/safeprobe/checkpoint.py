@@ -134,8 +134,7 @@ class Checkpoints(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.start = time.perf_counter()
-        if trainer.world_size > 1:  # ours, not Lightning's: the ranks then stop together (on_train_batch_end)
-            hold_signals()
+        hold_signals()  # ours, not Lightning's (cli.hold_signals); several ranks then stop together (on_train_batch_end)
 
     def elapsed(self) -> float:
         return self.seconds + time.perf_counter() - self.start

@@ -125,6 +125,10 @@ def stop_between_steps():
     _between_steps.update(on=True, signum=None)
     try:
         yield
+    except SystemExit as e:  # Lightning's SIGTERMException (a SystemExit with status 0), should its handler see it
+        if type(e).__name__ != "SIGTERMException":
+            raise
+        raise Interrupted(_between_steps["signum"] or signal.SIGTERM) from None
     finally:
         _between_steps["on"] = False
     if _between_steps["signum"] is not None:  # arrived after the last step
@@ -133,8 +137,10 @@ def stop_between_steps():
 
 def hold_signals() -> None:
     """(Re)install the handler that holds SIGTERM / Ctrl-C until the current step ends (main
-    thread only). Lightning's own SIGTERM handler on several processes broadcasts from inside the
-    handler, which deadlocks a rank that is in another collective at that moment."""
+    thread only), in place of the one Lightning installs at the start of fit. Lightning's raises
+    SIGTERMException, a SystemExit with status 0, at the end of the step: a stopped run would end
+    as a success, without its checkpoint and its line; on several processes it broadcasts from
+    inside the handler, which deadlocks a rank that is in another collective at that moment."""
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _stop)
