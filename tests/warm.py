@@ -51,7 +51,7 @@ def _child(req: dict) -> None:
     sys.stdin = open(0, closefd=False)  # noqa: SIM115
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-    script = str(PROJECT_ROOT / req["script"])
+    script = req["script"]  # its path
     sys.argv = [script, *req["args"]]
     sys.path[0] = str(PROJECT_ROOT)
     import atexit
@@ -130,7 +130,7 @@ class Running:
             status = self._done.result(timeout=timeout)
         except FutureTimeout:
             self.send_signal(signal.SIGKILL)
-            status = self._done.result(timeout=60)
+            self._done.result(timeout=60)
             raise subprocess.TimeoutExpired(self.args, timeout) from None
         out, err = (p.read_text(errors="replace") for p in (self._out, self._err))
         for p in (self._out, self._err):
@@ -140,9 +140,8 @@ class Running:
 
 class Server:
     def __init__(self):
-        self.env = dict(os.environ)
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     cwd=PROJECT_ROOT, env=self.env)
+                                     cwd=PROJECT_ROOT, env=dict(os.environ))
         self.lock = threading.Lock()
         self.started: dict[int, Future] = {}
         self.ended: dict[int, Future] = {}
@@ -156,16 +155,17 @@ class Server:
                 waiting = self.started.pop(msg["id"]) if "pid" in msg else self.ended.pop(msg["id"])
             waiting.set_result(msg.get("pid", msg.get("status")))
 
-    def start(self, script: str, args: list[str], cwd: Path, out: Path, err: Path) -> Running:
+    def start(self, command: list[str], cwd: Path, out: Path, err: Path) -> Running:
+        """command: [python, the script's path, *args], as a fresh process would run."""
         with self.lock:
             rid, self.next_id = self.next_id, self.next_id + 1
             started, ended = self.started[rid], self.ended[rid] = Future(), Future()
-            req = {"id": rid, "script": script, "args": list(args), "cwd": str(cwd), "env": dict(os.environ),
+            req = {"id": rid, "script": command[1], "args": command[2:], "cwd": str(cwd), "env": dict(os.environ),
                    "out": str(out), "err": str(err)}
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
         pid = started.result(timeout=120)
-        return Running(pid, ended, [sys.executable, str(PROJECT_ROOT / script), *args], out, err)
+        return Running(pid, ended, command, out, err)
 
 
 _servers: dict[frozenset, Server] = {}  # one per environment the commands ran in (at most MAX_SERVERS)
@@ -191,7 +191,7 @@ def start(script: str, *args: str, cwd: Path) -> Running | subprocess.Popen:
         name = _outputs / str(_count)
     if server is None:
         return Cold(command, cwd)
-    return server.start(script, list(args), Path(cwd), name.with_suffix(".out"), name.with_suffix(".err"))
+    return server.start(command, Path(cwd), name.with_suffix(".out"), name.with_suffix(".err"))
 
 
 def _server_usable() -> bool:

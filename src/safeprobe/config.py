@@ -688,9 +688,9 @@ def _check_free_form(free_form: list, others: list) -> None:
     with the other overrides (a fraction of a second; only when such a key is given)."""
     from hydra import compose, initialize_config_dir
 
-    plain = [o.input_line for o in others if not o.is_sweep_override() and o.key_or_group.split(".")[0] != "hydra"]
     if any(o.is_sweep_override() for o in others):
         return  # the mapping depends on the sweep's jobs: Hydra checks each
+    plain = [o.input_line for o in others if o.key_or_group.split(".")[0] != "hydra"]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=plain)

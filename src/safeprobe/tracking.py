@@ -32,7 +32,7 @@ def git_commit(root: Path) -> dict:
             # the uncommitted edits of tracked files, by hash: a sweep whose conf/ or code was edited
             # while it ran has jobs that differ here (reporting/environments.py flags them)
             diff = git("diff", "HEAD")
-            return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            return {"commit": commit, "dirty": bool(diff),
                     "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
     except (OSError, subprocess.SubprocessError):
         pass

@@ -177,14 +177,14 @@ class SAPModule(FineTuneModule):
         return float(self.probe_cfg.harmful_step * global_norm(self.trainable_parameters()))
 
     @contextmanager
-    def perturbed(self, direction: list[torch.Tensor], fraction: float = 1.0):
-        """theta <- theta + harmful_step * ||theta|| * g_hat inside the block; restored
+    def perturbed(self, direction: list[torch.Tensor], size: float | None = None):
+        """theta <- theta + size * g_hat inside the block (size: harmful_scale() unless given); restored
         exactly (from a copy, not by subtraction) on the way out. Autocast keeps the 16-bit copy
         of each fp32 weight it made earlier in the step (Lightning's mixed precision wraps the
         whole step): that cache is dropped on entry and exit, or every pass would see the
         unperturbed weights and the probe gradient would be exactly 0."""
         params = self.trainable_parameters()
-        scale = fraction * self.harmful_scale()
+        scale = self.harmful_scale() if size is None else size
         backup = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
@@ -225,7 +225,7 @@ class SAPModule(FineTuneModule):
         have no double backward)."""
         params = self.trainable_parameters()
         scale = self.harmful_scale()  # of the unperturbed weights, as the two-pass difference's delta
-        with self.perturbed(direction, fraction=0.5), self.probe.attached(v), sdpa_kernel(SDPBackend.MATH):
+        with self.perturbed(direction, scale / 2), self.probe.attached(v), sdpa_kernel(SDPBackend.MATH):
             grads = torch.autograd.grad(task_loss(self.model, task), params, create_graph=True, allow_unused=True)
             along = sum((g.float() * d.float()).sum() for g, d in zip(grads, direction) if g is not None)
             if not torch.is_tensor(along) or not along.requires_grad:  # no weight's gradient depends on V
